@@ -1,0 +1,45 @@
+//! End-to-end checks: the real `ferry-server` binary and real clients over loopback HTTP.
+//! Every scenario runs on SQLite and on PostgreSQL.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use ferry_e2e::{Backend, ServerProcess};
+use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
+use ferry_server::backend_tests;
+
+async fn start(backend: Backend) -> Option<ServerProcess> {
+    let database = backend.database().await?;
+    Some(ServerProcess::start(&database, &[]).expect("server starts"))
+}
+
+backend_tests! {
+    async fn a_fresh_server_answers_health_and_serves_the_schema(backend) {
+        let Some(server) = start(backend).await else { return };
+        let http = reqwest::Client::new();
+        let health = http.get(format!("{}/healthz", server.url)).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        for encoding in [Encoding::Json, Encoding::Postcard] {
+            let res = http
+                .get(format!("{}/v1/schema", server.url))
+                .header("accept", encoding.media_type())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            let schema: Schema = encoding.decode(&res.bytes().await.unwrap(), 1 << 20).unwrap();
+            assert!(schema.table("invoice_line").is_some());
+        }
+        let res = http.get(format!("{}/v1/schema", server.url)).header("accept", "text/csv").send().await.unwrap();
+        assert_eq!(res.status(), 406);
+        let err: ErrorBody = Encoding::Json.decode(&res.bytes().await.unwrap(), 1 << 20).unwrap();
+        assert_eq!(err.code, ErrorCode::NotAcceptable);
+    }
+
+    async fn a_restarted_server_keeps_its_database(backend) {
+        let Some(mut server) = start(backend).await else { return };
+        let first = server.url.clone();
+        server.restart().expect("restart");
+        let health = reqwest::get(format!("{}/readyz", server.url)).await.unwrap();
+        assert_eq!(health.status(), 200, "restarted server (was {first})");
+    }
+}

@@ -1,0 +1,159 @@
+//! The one codec: compact binary (postcard) and readable JSON, chosen by media type.
+//!
+//! Every message is framed with the protocol version:
+//! - postcard: the version as a varint, then the message;
+//! - JSON: `{"protocol": 1, "message": …}`.
+//!
+//! Decoding checks the size limit before reading anything, checks the version before the
+//! message, and turns every malformed, truncated or hostile input into a [`CodecError`].
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+
+/// Media type of the compact binary encoding.
+pub const POSTCARD_MEDIA_TYPE: &str = "application/x-ferry+postcard";
+/// Media type of the JSON encoding.
+pub const JSON_MEDIA_TYPE: &str = "application/json";
+
+/// Default upper bound on an encoded message, in bytes (16 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// A wire encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// postcard: compact, not self-describing, frozen wire format for postcard 1.x.
+    Postcard,
+    /// JSON: readable, for debugging and for clients without a postcard library.
+    Json,
+}
+
+/// Why a message could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The body is larger than the limit; nothing was decoded.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the body.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The message was framed with another protocol version.
+    #[error("protocol version {got} is not supported (this side speaks {expected})")]
+    VersionMismatch {
+        /// The version the peer sent.
+        got: u64,
+        /// The version this side speaks.
+        expected: u16,
+    },
+    /// The bytes are not a valid message of the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The media type names no Ferry encoding.
+    #[error("unsupported media type {0:?}; use {POSTCARD_MEDIA_TYPE} or {JSON_MEDIA_TYPE}")]
+    UnsupportedMediaType(String),
+    /// The message could not be encoded (e.g. a non-finite float in JSON).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+impl Encoding {
+    /// The media type to put in `Content-Type`.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Encoding::Postcard => POSTCARD_MEDIA_TYPE,
+            Encoding::Json => JSON_MEDIA_TYPE,
+        }
+    }
+
+    /// The encoding named by a `Content-Type` header value (parameters such as `charset` are ignored).
+    pub fn from_content_type(value: &str) -> Result<Self, CodecError> {
+        let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match essence.as_str() {
+            POSTCARD_MEDIA_TYPE => Ok(Encoding::Postcard),
+            JSON_MEDIA_TYPE => Ok(Encoding::Json),
+            _ => Err(CodecError::UnsupportedMediaType(value.to_string())),
+        }
+    }
+
+    /// The encoding to answer with, from an `Accept` header value. No header, `*/*` and
+    /// `application/*` mean JSON; the first listed Ferry encoding wins; otherwise an error.
+    pub fn from_accept(value: Option<&str>) -> Result<Self, CodecError> {
+        let Some(value) = value else { return Ok(Encoding::Json) };
+        if value.trim().is_empty() {
+            return Ok(Encoding::Json);
+        }
+        for part in value.split(',') {
+            let essence = part.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            match essence.as_str() {
+                POSTCARD_MEDIA_TYPE => return Ok(Encoding::Postcard),
+                JSON_MEDIA_TYPE | "*/*" | "application/*" => return Ok(Encoding::Json),
+                _ => {}
+            }
+        }
+        Err(CodecError::UnsupportedMediaType(value.to_string()))
+    }
+
+    /// Encodes a message, framed with [`PROTOCOL_VERSION`].
+    pub fn encode<T: Serialize>(self, message: &T) -> Result<Vec<u8>, CodecError> {
+        match self {
+            Encoding::Postcard => {
+                let mut out =
+                    postcard::to_stdvec(&(PROTOCOL_VERSION as u64)).map_err(|e| CodecError::Encode(e.to_string()))?;
+                postcard::to_io(message, &mut out).map_err(|e| CodecError::Encode(e.to_string()))?;
+                Ok(out)
+            }
+            Encoding::Json => serde_json::to_vec(&JsonFrame { protocol: PROTOCOL_VERSION as u64, message })
+                .map_err(|e| CodecError::Encode(e.to_string())),
+        }
+    }
+
+    /// Decodes a message of `limit` bytes at most, checking the protocol version first.
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+        if bytes.len() > limit {
+            return Err(CodecError::TooLarge { size: bytes.len(), limit });
+        }
+        match self {
+            Encoding::Postcard => {
+                let (version, rest) = postcard::take_from_bytes::<u64>(bytes)
+                    .map_err(|e| CodecError::Malformed(format!("protocol version: {e}")))?;
+                check_version(version)?;
+                let (message, trailing) =
+                    postcard::take_from_bytes::<T>(rest).map_err(|e| CodecError::Malformed(e.to_string()))?;
+                if !trailing.is_empty() {
+                    return Err(CodecError::Malformed(format!("{} trailing bytes", trailing.len())));
+                }
+                Ok(message)
+            }
+            Encoding::Json => {
+                let probe: VersionProbe =
+                    serde_json::from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+                check_version(probe.protocol)?;
+                let frame: JsonFrame<T> =
+                    serde_json::from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+                Ok(frame.message)
+            }
+        }
+    }
+}
+
+fn check_version(got: u64) -> Result<(), CodecError> {
+    if got == PROTOCOL_VERSION as u64 {
+        Ok(())
+    } else {
+        Err(CodecError::VersionMismatch { got, expected: PROTOCOL_VERSION })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct JsonFrame<T> {
+    protocol: u64,
+    message: T,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    protocol: u64,
+}

@@ -1,0 +1,70 @@
+//! The HTTP API: one module per resource, each exposing its routes; shared extractors for the
+//! codec ([`wire`]) and errors ([`error`]).
+
+pub mod error;
+pub mod wire;
+
+mod health;
+mod schema;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tracing::Instrument;
+
+use crate::config::Limits;
+use crate::schema_file::SchemaFile;
+use crate::store::Store;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The storage backend.
+    pub store: Store,
+    /// The schema being served.
+    pub schema: Arc<SchemaFile>,
+    /// Size limits.
+    pub limits: Limits,
+}
+
+/// The complete router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(health::routes())
+        .merge(schema::routes())
+        // Bodies are limited (with a typed 413) by the `Wire` extractor instead.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(state)
+}
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being handled (empty outside a request).
+pub fn request_id() -> String {
+    REQUEST_ID.try_with(Clone::clone).unwrap_or_default()
+}
+
+/// Gives every request an id (the caller's `x-request-id` if it sent a sane one), a tracing span,
+/// and an `x-request-id` response header; error bodies carry the same id.
+async fn with_request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}

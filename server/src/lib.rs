@@ -1,0 +1,45 @@
+//! Ferry's sync server as a library: embed it in your own binary (to add Rust business-rule
+//! hooks), or run the `ferry-server` binary that wraps it.
+//!
+//! ```text
+//! config ─► store::Store::open ─► install_schema ─► http::router ─► axum::serve
+//! ```
+
+pub mod config;
+pub mod http;
+pub mod schema_file;
+pub mod store;
+pub mod testing;
+
+use std::sync::Arc;
+
+use crate::config::{Limits, StorageArgs};
+use crate::schema_file::{SchemaFile, SchemaFileError};
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The schema file is unusable.
+    #[error(transparent)]
+    Schema(#[from] SchemaFileError),
+    /// Storage could not be opened or prepared.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Loads the schema, opens storage, brings Ferry's tables and the app tables up to date, and
+/// returns the state the HTTP router serves.
+pub async fn prepare(storage: &StorageArgs, limits: Limits) -> Result<http::AppState, StartError> {
+    let schema = match &storage.schema {
+        Some(path) => SchemaFile::load(path)?,
+        None => {
+            tracing::info!("no --schema given: serving the bundled example sales schema");
+            SchemaFile::example()
+        }
+    };
+    let store = Store::open(&storage.database).await?;
+    store.install_schema(&schema).await?;
+    tracing::info!(backend = ?store.backend(), schema_version = %schema.schema.version, "storage ready");
+    Ok(http::AppState { store, schema: Arc::new(schema), limits })
+}

@@ -1,0 +1,92 @@
+//! `ferry-server`: the sync server binary (a thin CLI over the `ferry_server` library).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_server::config::{ServeArgs, StorageArgs};
+use ferry_server::schema_file::SchemaFile;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "ferry-server", version, about = "Ferry's offline-first sync server")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "FERRY_LOG_FORMAT", default_value = "pretty")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the sync API.
+    Serve(ServeArgs),
+    /// Apply migrations and install the schema's tables, then exit.
+    Migrate(StorageArgs),
+    /// Validate a schema file and print its version digest.
+    CheckSchema {
+        /// The schema file.
+        path: std::path::PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(storage) => {
+            ferry_server::prepare(&storage, Default::default()).await?;
+            println!("database is up to date");
+            Ok(())
+        }
+        Command::CheckSchema { path } => {
+            let file = SchemaFile::load(&path)?;
+            println!("ok: {} tables, version {}", file.schema.tables.len(), file.schema.version);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let state = ferry_server::prepare(&args.storage, args.limits).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "ferry-server listening");
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("listening on http://{addr}");
+    axum::serve(listener, ferry_server::http::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -1,0 +1,176 @@
+//! Storage: the only place SQL lives. Two hand-written backends behind one enum — embedded
+//! SQLite (the default) and PostgreSQL (production, scale-out) — and one conformance suite that
+//! runs every storage test against both.
+//!
+//! Identifiers in SQL come only from a validated [`Schema`]; values are always bound.
+
+pub mod pg;
+pub mod sqlite;
+
+use ferry_protocol::{ColumnType, Schema};
+
+use crate::schema_file::SchemaFile;
+
+/// Storage errors. Database details stay in the server log; clients see a generic message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL is not one Ferry understands.
+    #[error("unsupported database URL {0:?}: use a file path, sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
+    /// A database operation failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database holds something Ferry cannot reconcile with the schema.
+    #[error("schema cannot be installed: {0}")]
+    Incompatible(String),
+    /// Stored bookkeeping could not be decoded.
+    #[error("corrupt stored state: {0}")]
+    Corrupt(String),
+}
+
+/// An open storage backend.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// Embedded SQLite file.
+    Sqlite(sqlite::SqliteStore),
+    /// PostgreSQL server.
+    Postgres(pg::PgStore),
+}
+
+/// Which SQL dialect a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Store {
+    /// Opens the database named by `url` (`postgres://…`, `sqlite://PATH`, or a plain file path)
+    /// and brings Ferry's own tables up to date.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Store::Postgres(pg::PgStore::connect(url).await?)
+        } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            Store::Sqlite(sqlite::SqliteStore::open(path).await?)
+        } else if !url.contains("://") {
+            Store::Sqlite(sqlite::SqliteStore::open(url).await?)
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_string()));
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The backend's dialect.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies Ferry's migrations for this backend.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.migrate().await,
+            Store::Postgres(p) => p.migrate().await,
+        }
+    }
+
+    /// Creates missing app tables and columns, installs change capture, runs the schema file's
+    /// setup SQL, and records the schema version as served.
+    pub async fn install_schema(&self, file: &SchemaFile) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.install_schema(file).await,
+            Store::Postgres(p) => p.install_schema(file).await,
+        }
+    }
+
+    /// A schema this server served earlier, by version digest.
+    pub async fn served_schema(&self, version: &str) -> Result<Option<Schema>, StoreError> {
+        let text = match self {
+            Store::Sqlite(s) => s.served_schema(version).await?,
+            Store::Postgres(p) => p.served_schema(version).await?,
+        };
+        text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.ping().await,
+            Store::Postgres(p) => p.ping().await,
+        }
+    }
+}
+
+/// Quotes an identifier. Identifiers come from a validated schema (letters, digits, `_`), so
+/// quoting is belt and braces, and keeps reserved words such as `order` usable.
+pub(crate) fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// The native column type for a portable type.
+pub(crate) fn native_type(backend: Backend, ty: ColumnType) -> &'static str {
+    match (backend, ty) {
+        (Backend::Sqlite, ColumnType::Integer) => "INTEGER",
+        (Backend::Sqlite, ColumnType::Real) => "REAL",
+        (Backend::Sqlite, ColumnType::Text | ColumnType::Blob) => "TEXT",
+        (Backend::Sqlite, ColumnType::Bytes) => "BLOB",
+        (Backend::Postgres, ColumnType::Integer) => "BIGINT",
+        (Backend::Postgres, ColumnType::Real) => "DOUBLE PRECISION",
+        (Backend::Postgres, ColumnType::Text | ColumnType::Blob) => "TEXT",
+        (Backend::Postgres, ColumnType::Bytes) => "BYTEA",
+    }
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for a synced table in the given dialect.
+pub(crate) fn create_table_sql(backend: Backend, table: &ferry_protocol::Table) -> String {
+    let mut parts = Vec::new();
+    for col in &table.columns {
+        let is_auto_key = table.auto_number && table.primary_key[0] == col.name;
+        let mut def = format!("{} {}", quote(&col.name), native_type(backend, col.ty));
+        if is_auto_key {
+            match backend {
+                // A rowid alias: SQLite assigns the next key when the insert omits it.
+                Backend::Sqlite => def.push_str(" PRIMARY KEY"),
+                Backend::Postgres => def.push_str(" GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+            }
+        } else if !col.nullable {
+            def.push_str(" NOT NULL");
+        }
+        parts.push(def);
+    }
+    if !table.auto_number {
+        let pk: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
+        parts.push(format!("PRIMARY KEY ({})", pk.join(", ")));
+    }
+    for fk in &table.foreign_keys {
+        // FOREIGN KEY … REFERENCES parent means the parent's primary key (checked by the loader).
+        parts.push(format!("FOREIGN KEY ({}) REFERENCES {}", quote(&fk.column), quote(&fk.references)));
+    }
+    format!("CREATE TABLE IF NOT EXISTS {} (\n  {}\n)", quote(&table.name), parts.join(",\n  "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddl_quotes_identifiers_and_maps_types() {
+        let file = SchemaFile::example();
+        let line = file.schema.table("invoice_line").expect("table");
+        let sql = create_table_sql(Backend::Postgres, line);
+        assert!(sql.starts_with("CREATE TABLE IF NOT EXISTS \"invoice_line\""), "{sql}");
+        assert!(sql.contains("\"id\" BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"), "{sql}");
+        assert!(sql.contains("FOREIGN KEY (\"invoice_id\") REFERENCES \"invoice\""), "{sql}");
+        let sql = create_table_sql(Backend::Sqlite, line);
+        assert!(sql.contains("\"id\" INTEGER PRIMARY KEY"), "{sql}");
+        assert!(sql.contains("\"qty\" INTEGER NOT NULL"), "{sql}");
+    }
+}

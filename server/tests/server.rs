@@ -1,0 +1,76 @@
+//! Server tests. Every storage-touching case runs on SQLite and on PostgreSQL (from
+//! `DATABASE_URL`; without it the PostgreSQL variant says so and passes nothing off as tested).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
+use ferry_server::backend_tests;
+use ferry_server::config::{Limits, StorageArgs};
+use ferry_server::testing::Backend;
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+async fn state(backend: Backend) -> Option<ferry_server::http::AppState> {
+    let database = backend.database().await?;
+    let storage = StorageArgs { database, schema: None };
+    Some(ferry_server::prepare(&storage, Limits::default()).await.expect("server prepares"))
+}
+
+async fn get(app: &axum::Router, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String, Vec<u8>) {
+    let mut req = Request::get(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    let status = res.status();
+    let ct = res.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, ct, body)
+}
+
+backend_tests! {
+    async fn storage_opens_installs_the_schema_and_is_idempotent(backend) {
+        let Some(state) = state(backend).await else { return };
+        // Installing again (a restart) changes nothing and does not fail.
+        state.store.install_schema(&state.schema).await.expect("second install");
+        state.store.ping().await.expect("ping");
+        let served = state.store.served_schema(&state.schema.schema.version).await.unwrap();
+        assert_eq!(served.as_ref(), Some(&state.schema.schema));
+    }
+
+    async fn schema_is_served_in_both_encodings(backend) {
+        let Some(state) = state(backend).await else { return };
+        let expected = state.schema.schema.clone();
+        let app = ferry_server::http::router(state);
+        let (status, ct, body) = get(&app, "/v1/schema", &[]).await;
+        assert_eq!((status, ct.as_str()), (StatusCode::OK, "application/json"));
+        assert_eq!(Encoding::Json.decode::<Schema>(&body, 1 << 20).unwrap(), expected);
+        let (status, ct, body) = get(&app, "/v1/schema", &[("accept", "application/x-ferry+postcard")]).await;
+        assert_eq!((status, ct.as_str()), (StatusCode::OK, "application/x-ferry+postcard"));
+        assert_eq!(Encoding::Postcard.decode::<Schema>(&body, 1 << 20).unwrap(), expected);
+    }
+
+    async fn bad_accept_and_protocol_version_get_typed_errors(backend) {
+        let Some(state) = state(backend).await else { return };
+        let app = ferry_server::http::router(state);
+        let (status, _, body) = get(&app, "/v1/schema", &[("accept", "text/html")]).await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
+        assert_eq!(err.code, ErrorCode::NotAcceptable);
+        assert!(err.request_id.is_some_and(|id| !id.is_empty()));
+        let (status, _, body) = get(&app, "/v1/schema", &[("ferry-protocol", "99")]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
+        assert_eq!(err.code, ErrorCode::ProtocolVersion);
+    }
+
+    async fn health_and_readiness_answer(backend) {
+        let Some(state) = state(backend).await else { return };
+        let app = ferry_server::http::router(state);
+        assert_eq!(get(&app, "/healthz", &[]).await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/readyz", &[]).await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/v1/nothing-here", &[]).await.0, StatusCode::NOT_FOUND);
+    }
+}
