@@ -52,6 +52,10 @@ pub struct Event {
     /// For update: the columns the app changed (the field-level merge policy writes only these).
     /// Empty for insert and delete.
     pub changed: Vec<String>,
+    /// For update: the values the changed columns had before the change, as the device knew
+    /// them. The `merge` policy writes a changed column only if the server still holds this
+    /// value (nobody else changed that column). Empty for insert and delete.
+    pub previous: Row,
 }
 
 /// A checkpoint marker as it lives in the device log: a request boundary the app asked for.

@@ -49,8 +49,9 @@ fn arb_event() -> impl Strategy<Value = Event> {
         arb_row(),
         any::<Option<u64>>(),
         prop::collection::vec("[a-z_]{1,8}", 0..3),
+        arb_row(),
     )
-        .prop_map(|(seq, tx, table, op, key, values, base_version, changed)| Event {
+        .prop_map(|(seq, tx, table, op, key, values, base_version, changed, previous)| Event {
             seq,
             tx,
             table,
@@ -59,6 +60,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
             values,
             base_version,
             changed,
+            previous,
         })
 }
 
@@ -229,6 +231,7 @@ fn golden_batch() -> Batch {
             values,
             base_version: None,
             changed: vec![],
+            previous: Row::new(),
         }],
     )
 }
@@ -245,9 +248,9 @@ const GOLDEN_BATCH_HEX: &str = concat!(
     "01",                                                               // protocol version
     "056465762d31",                                                     // device_id "dev-1"
     "07",                                                               // batch_seq
-    "59b50a288e6ca07c7c659e3571d9f8af4fa569bd41e851d82ca828579c5c952e", // digest
+    "9df70c4d1e6f3d40d2e6bcb08062296b4742eae7b6a0fcfe2fb1816ffe3efb70", // digest
     "03616263",                                                         // schema_version "abc"
-    "01030208637573746f6d657200010101030269640101046e616d6503034164610570686f746f0402cafe0000",
+    "01030208637573746f6d657200010101030269640101046e616d6503034164610570686f746f0402cafe000000",
 );
 
 #[test]
