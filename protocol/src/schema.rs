@@ -318,8 +318,8 @@ fn validate(tables: &[Table]) -> Result<(), SchemaError> {
                 Some(c) if c.nullable => {
                     return Err(problem(format!("primary key column {pk:?} must be declared nullable = false")));
                 }
-                Some(c) if matches!(c.ty, ColumnType::Real | ColumnType::Blob) => {
-                    return Err(problem(format!("primary key column {pk:?} must be integer, text or bytes")));
+                Some(c) if !matches!(c.ty, ColumnType::Integer | ColumnType::Text) => {
+                    return Err(problem(format!("primary key column {pk:?} must be integer or text")));
                 }
                 Some(_) => {}
             }

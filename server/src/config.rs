@@ -28,6 +28,20 @@ pub struct ServeArgs {
     #[command(flatten)]
     /// Request limits.
     pub limits: Limits,
+    #[command(flatten)]
+    /// Token verification.
+    pub auth: AuthArgs,
+}
+
+/// Where the HS256 secret that signs and verifies bearer tokens comes from.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// The shared secret (at least 32 bytes). Prefer the environment variable to the flag.
+    #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the secret when none is given; created with a random secret if missing.
+    #[arg(long, env = "FERRY_JWT_SECRET_FILE", default_value = "ferry.secret")]
+    pub jwt_secret_file: PathBuf,
 }
 
 /// Request limits, each with a safe default.

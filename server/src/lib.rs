@@ -5,7 +5,10 @@
 //! config ─► store::Store::open ─► install_schema ─► http::router ─► axum::serve
 //! ```
 
+pub mod apply;
+pub mod auth;
 pub mod config;
+pub mod hooks;
 pub mod http;
 pub mod schema_file;
 pub mod store;
@@ -13,7 +16,9 @@ pub mod testing;
 
 use std::sync::Arc;
 
-use crate::config::{Limits, StorageArgs};
+use crate::auth::{Auth, AuthError};
+use crate::config::{AuthArgs, Limits, StorageArgs};
+use crate::hooks::{Hooks, NoHooks};
 use crate::schema_file::{SchemaFile, SchemaFileError};
 use crate::store::{Store, StoreError};
 
@@ -26,11 +31,31 @@ pub enum StartError {
     /// Storage could not be opened or prepared.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The token secret is unusable.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// Loads the schema, opens storage, brings Ferry's tables and the app tables up to date, and
 /// returns the state the HTTP router serves.
-pub async fn prepare(storage: &StorageArgs, limits: Limits) -> Result<http::AppState, StartError> {
+pub async fn prepare(storage: &StorageArgs, limits: Limits, auth: &AuthArgs) -> Result<http::AppState, StartError> {
+    prepare_with_hooks(storage, limits, auth, Arc::new(NoHooks)).await
+}
+
+/// Like [`prepare`], with Rust business-rule hooks (for apps embedding the server).
+pub async fn prepare_with_hooks(
+    storage: &StorageArgs,
+    limits: Limits,
+    auth: &AuthArgs,
+    hooks: Arc<dyn Hooks>,
+) -> Result<http::AppState, StartError> {
+    let auth = Arc::new(Auth::from_config(auth.jwt_secret.as_deref(), &auth.jwt_secret_file)?);
+    let (store, schema) = open(storage).await?;
+    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks })
+}
+
+/// Loads the schema file, opens storage, and brings Ferry's tables and the app tables up to date.
+pub async fn open(storage: &StorageArgs) -> Result<(Store, SchemaFile), StartError> {
     let schema = match &storage.schema {
         Some(path) => SchemaFile::load(path)?,
         None => {
@@ -41,5 +66,5 @@ pub async fn prepare(storage: &StorageArgs, limits: Limits) -> Result<http::AppS
     let store = Store::open(&storage.database).await?;
     store.install_schema(&schema).await?;
     tracing::info!(backend = ?store.backend(), schema_version = %schema.schema.version, "storage ready");
-    Ok(http::AppState { store, schema: Arc::new(schema), limits })
+    Ok((store, schema))
 }

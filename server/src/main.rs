@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_server::config::{ServeArgs, StorageArgs};
+use ferry_server::auth::{Auth, parse_ttl};
+use ferry_server::config::{AuthArgs, ServeArgs, StorageArgs};
 use ferry_server::schema_file::SchemaFile;
 use tracing_subscriber::EnvFilter;
 
@@ -28,6 +29,17 @@ enum Command {
     Serve(ServeArgs),
     /// Apply migrations and install the schema's tables, then exit.
     Migrate(StorageArgs),
+    /// Issue a development token for a user, signed with the configured secret.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// How long the token is valid (90s, 15m, 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
     /// Validate a schema file and print its version digest.
     CheckSchema {
         /// The schema file.
@@ -46,8 +58,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(storage) => {
-            ferry_server::prepare(&storage, Default::default()).await?;
+            ferry_server::open(&storage).await?;
             println!("database is up to date");
+            Ok(())
+        }
+        Command::Token { user, ttl, auth } => {
+            let auth = Auth::from_config(auth.jwt_secret.as_deref(), &auth.jwt_secret_file)?;
+            println!("{}", auth.issue(&user, ttl)?);
             Ok(())
         }
         Command::CheckSchema { path } => {
@@ -59,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let state = ferry_server::prepare(&args.storage, args.limits).await?;
+    let state = ferry_server::prepare(&args.storage, args.limits, &args.auth).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

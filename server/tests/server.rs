@@ -7,15 +7,22 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
 use ferry_server::backend_tests;
-use ferry_server::config::{Limits, StorageArgs};
+use ferry_server::config::{AuthArgs, Limits, StorageArgs};
 use ferry_server::testing::Backend;
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
+const SECRET: &str = "test-secret-test-secret-test-secret!";
+
 async fn state(backend: Backend) -> Option<ferry_server::http::AppState> {
     let database = backend.database().await?;
     let storage = StorageArgs { database, schema: None };
-    Some(ferry_server::prepare(&storage, Limits::default()).await.expect("server prepares"))
+    let auth = AuthArgs { jwt_secret: Some(SECRET.into()), jwt_secret_file: "unused".into() };
+    Some(ferry_server::prepare(&storage, Limits::default(), &auth).await.expect("server prepares"))
+}
+
+fn bearer(state: &ferry_server::http::AppState, user: &str) -> String {
+    format!("Bearer {}", state.auth.issue(user, std::time::Duration::from_secs(600)).unwrap())
 }
 
 async fn get(app: &axum::Router, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String, Vec<u8>) {
@@ -43,24 +50,29 @@ backend_tests! {
     async fn schema_is_served_in_both_encodings(backend) {
         let Some(state) = state(backend).await else { return };
         let expected = state.schema.schema.clone();
+        let token = bearer(&state, "alice");
         let app = ferry_server::http::router(state);
-        let (status, ct, body) = get(&app, "/v1/schema", &[]).await;
+        let (status, _, _) = get(&app, "/v1/schema", &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "the schema needs a token");
+        let (status, ct, body) = get(&app, "/v1/schema", &[("authorization", &token)]).await;
         assert_eq!((status, ct.as_str()), (StatusCode::OK, "application/json"));
         assert_eq!(Encoding::Json.decode::<Schema>(&body, 1 << 20).unwrap(), expected);
-        let (status, ct, body) = get(&app, "/v1/schema", &[("accept", "application/x-ferry+postcard")]).await;
+        let (status, ct, body) =
+            get(&app, "/v1/schema", &[("accept", "application/x-ferry+postcard"), ("authorization", &token)]).await;
         assert_eq!((status, ct.as_str()), (StatusCode::OK, "application/x-ferry+postcard"));
         assert_eq!(Encoding::Postcard.decode::<Schema>(&body, 1 << 20).unwrap(), expected);
     }
 
     async fn bad_accept_and_protocol_version_get_typed_errors(backend) {
         let Some(state) = state(backend).await else { return };
+        let token = bearer(&state, "alice");
         let app = ferry_server::http::router(state);
-        let (status, _, body) = get(&app, "/v1/schema", &[("accept", "text/html")]).await;
+        let (status, _, body) = get(&app, "/v1/schema", &[("accept", "text/html"), ("authorization", &token)]).await;
         assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
         let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
         assert_eq!(err.code, ErrorCode::NotAcceptable);
         assert!(err.request_id.is_some_and(|id| !id.is_empty()));
-        let (status, _, body) = get(&app, "/v1/schema", &[("ferry-protocol", "99")]).await;
+        let (status, _, body) = get(&app, "/v1/schema", &[("ferry-protocol", "99"), ("authorization", &token)]).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
         assert_eq!(err.code, ErrorCode::ProtocolVersion);

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod wire;
 
+mod batches;
 mod health;
 mod schema;
 
@@ -16,7 +17,9 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use tracing::Instrument;
 
+use crate::auth::Auth;
 use crate::config::Limits;
+use crate::hooks::Hooks;
 use crate::schema_file::SchemaFile;
 use crate::store::Store;
 
@@ -29,6 +32,10 @@ pub struct AppState {
     pub schema: Arc<SchemaFile>,
     /// Size limits.
     pub limits: Limits,
+    /// Token verification.
+    pub auth: Arc<Auth>,
+    /// Business-rule hooks.
+    pub hooks: Arc<dyn Hooks>,
 }
 
 /// The complete router.
@@ -36,6 +43,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(schema::routes())
+        .merge(batches::routes())
         // Bodies are limited (with a typed 413) by the `Wire` extractor instead.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(with_request_id))

@@ -7,11 +7,12 @@ use ferry_protocol::Schema;
 
 use super::AppState;
 use super::wire::{Accepts, Reply};
+use crate::auth::User;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/schema", get(schema))
 }
 
-async fn schema(State(state): State<AppState>, Accepts(encoding): Accepts) -> Reply<Schema> {
+async fn schema(State(state): State<AppState>, _user: User, Accepts(encoding): Accepts) -> Reply<Schema> {
     Reply(encoding, state.schema.schema.clone())
 }

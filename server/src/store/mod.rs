@@ -4,6 +4,7 @@
 //!
 //! Identifiers in SQL come only from a validated [`Schema`]; values are always bound.
 
+pub mod apply_tx;
 pub mod pg;
 pub mod sqlite;
 
@@ -98,6 +99,25 @@ impl Store {
             Store::Postgres(p) => p.served_schema(version).await?,
         };
         text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+    }
+
+    /// Runs trusted operator SQL (admin commands, test fixtures). Never called with device input.
+    pub async fn execute_admin_sql(&self, sql: &str) -> Result<(), StoreError> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self {
+            Store::Sqlite(s) => sqlx::raw_sql(sql).execute(&s.pool).await.map(drop)?,
+            Store::Postgres(p) => sqlx::raw_sql(sql).execute(&p.pool).await.map(drop)?,
+        }
+        Ok(())
+    }
+
+    /// Runs a trusted query returning one integer (admin commands, tests).
+    pub async fn query_i64(&self, sql: &str) -> Result<i64, StoreError> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        Ok(match self {
+            Store::Sqlite(s) => sqlx::query_scalar(sql).fetch_one(&s.pool).await?,
+            Store::Postgres(p) => sqlx::query_scalar(sql).fetch_one(&p.pool).await?,
+        })
     }
 
     /// Checks that the database answers.

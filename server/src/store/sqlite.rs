@@ -83,13 +83,6 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(())
     }
-
-    /// Number of rows in an app table (used by tests and admin commands).
-    pub async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {
-        let row =
-            sqlx::query(AssertSqlSafe(format!("SELECT count(*) FROM {}", quote(table)))).fetch_one(&self.pool).await?;
-        Ok(row.try_get(0)?)
-    }
 }
 
 /// Key expression over `NEW` or `OLD` — the same `json_array` form the apply engine binds.
@@ -129,4 +122,240 @@ END;",
         upd = name("update"),
         del = name("delete"),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Applying batches
+
+use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
+use sqlx::Sqlite;
+use sqlx::sqlite::SqliteRow;
+
+use super::apply_tx::{ApplyTx, DeviceRecord, RowSql, WriteError, key_columns};
+
+const SQL: RowSql = RowSql { placeholder: |_| "?".to_string() };
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>;
+
+/// One batch transaction on SQLite (`BEGIN IMMEDIATE`: the single writer).
+pub struct SqliteApplyTx {
+    tx: sqlx::Transaction<'static, Sqlite>,
+}
+
+impl SqliteStore {
+    /// Starts a batch transaction.
+    pub async fn begin_apply(&self) -> Result<SqliteApplyTx, StoreError> {
+        Ok(SqliteApplyTx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await? })
+    }
+}
+
+fn bind<'q>(q: SqliteQuery<'q>, col: &Column, v: Value) -> SqliteQuery<'q> {
+    match v {
+        Value::Null => match col.ty {
+            ColumnType::Integer => q.bind(None::<i64>),
+            ColumnType::Real => q.bind(None::<f64>),
+            ColumnType::Bytes => q.bind(None::<Vec<u8>>),
+            ColumnType::Text | ColumnType::Blob => q.bind(None::<String>),
+        },
+        Value::Integer(i) => q.bind(i),
+        Value::Real(r) => q.bind(r),
+        Value::Text(t) => q.bind(t),
+        Value::Bytes(b) => q.bind(b),
+        Value::Blob(b) => q.bind(serde_json::to_string(&b).unwrap_or_default()),
+    }
+}
+
+fn decode(row: &SqliteRow, i: usize, col: &Column) -> Result<Value, sqlx::Error> {
+    Ok(match col.ty {
+        ColumnType::Integer => row.try_get::<Option<i64>, _>(i)?.map_or(Value::Null, Value::Integer),
+        ColumnType::Real => row.try_get::<Option<f64>, _>(i)?.map_or(Value::Null, Value::Real),
+        ColumnType::Text => row.try_get::<Option<String>, _>(i)?.map_or(Value::Null, Value::Text),
+        ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(i)?.map_or(Value::Null, Value::Bytes),
+        ColumnType::Blob => match row.try_get::<Option<String>, _>(i)? {
+            None => Value::Null,
+            Some(text) => serde_json::from_str::<BlobRef>(&text).map_or(Value::Text(text), Value::Blob),
+        },
+    })
+}
+
+/// SQLite extended result codes whose primary code is SQLITE_CONSTRAINT (19).
+fn classify(e: sqlx::Error) -> WriteError {
+    if let sqlx::Error::Database(db) = &e {
+        let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+        if code & 0xff == 19 {
+            return WriteError::Constraint(db.message().to_string());
+        }
+        if code & 0xff == 20 || code & 0xff == 18 {
+            // SQLITE_MISMATCH, SQLITE_TOOBIG
+            return WriteError::Value(db.message().to_string());
+        }
+    }
+    WriteError::Store(e.into())
+}
+
+impl ApplyTx for SqliteApplyTx {
+    async fn lock_device(&mut self, device_id: &str, user_id: &str) -> Result<DeviceRecord, StoreError> {
+        sqlx::query("INSERT OR IGNORE INTO ferry_devices (device_id, user_id) VALUES (?, ?)")
+            .bind(device_id)
+            .bind(user_id)
+            .execute(&mut *self.tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices WHERE device_id = ?",
+        )
+        .bind(device_id)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let digest: Option<Vec<u8>> = row.try_get(2)?;
+        Ok(DeviceRecord {
+            device_id: device_id.to_string(),
+            user_id: row.try_get(0)?,
+            next_batch_seq: row.try_get::<i64, _>(1)? as u64,
+            last_digest: digest.and_then(|d| d.try_into().ok()),
+            last_result: row.try_get(3)?,
+        })
+    }
+
+    async fn save_device(&mut self, r: &DeviceRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE ferry_devices SET next_batch_seq = ?, last_digest = ?, last_result = ?,
+             last_seen_at = CURRENT_TIMESTAMP WHERE device_id = ?",
+        )
+        .bind(r.next_batch_seq as i64)
+        .bind(r.last_digest.map(|d| d.to_vec()))
+        .bind(r.last_result.clone())
+        .bind(&r.device_id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("SAVEPOINT ferry_event").execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    async fn release_savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("RELEASE ferry_event").execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("ROLLBACK TO ferry_event").execute(&mut *self.tx).await?;
+        sqlx::query("RELEASE ferry_event").execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    async fn real_key(&mut self, device_id: &str, table: &str, temporary: i64) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT real FROM ferry_key_map WHERE device_id = ? AND tbl = ? AND temporary = ?")
+            .bind(device_id)
+            .bind(table)
+            .bind(temporary)
+            .fetch_optional(&mut *self.tx)
+            .await?)
+    }
+
+    async fn record_real_key(
+        &mut self,
+        device_id: &str,
+        table: &str,
+        temporary: i64,
+        real: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR REPLACE INTO ferry_key_map (device_id, tbl, temporary, real) VALUES (?, ?, ?, ?)")
+            .bind(device_id)
+            .bind(table)
+            .bind(temporary)
+            .bind(real)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert(&mut self, table: &Table, values: &[(&Column, Value)]) -> Result<Key, WriteError> {
+        let cols: Vec<&Column> = values.iter().map(|(c, _)| *c).collect();
+        let sql = SQL.insert(table, &cols);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (c, v) in values {
+            q = bind(q, c, v.clone());
+        }
+        let row = q.fetch_one(&mut *self.tx).await.map_err(classify)?;
+        let mut key = Vec::with_capacity(table.primary_key.len());
+        for (i, name) in table.primary_key.iter().enumerate() {
+            let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
+            key.push(decode(&row, i, col).map_err(StoreError::from)?);
+        }
+        Ok(Key(key))
+    }
+
+    async fn update(&mut self, table: &Table, key: &Key, values: &[(&Column, Value)]) -> Result<u64, WriteError> {
+        if values.is_empty() {
+            return Ok(u64::from(self.read_row(table, key).await?.is_some()));
+        }
+        let cols: Vec<&Column> = values.iter().map(|(c, _)| *c).collect();
+        let mut q = sqlx::query(AssertSqlSafe(SQL.update(table, &cols)));
+        for (c, v) in values.iter().cloned().chain(key_columns(table, key)) {
+            q = bind(q, c, v);
+        }
+        Ok(q.execute(&mut *self.tx).await.map_err(classify)?.rows_affected())
+    }
+
+    async fn delete(&mut self, table: &Table, key: &Key) -> Result<u64, WriteError> {
+        let mut q = sqlx::query(AssertSqlSafe(SQL.delete(table)));
+        for (c, v) in key_columns(table, key) {
+            q = bind(q, c, v);
+        }
+        Ok(q.execute(&mut *self.tx).await.map_err(classify)?.rows_affected())
+    }
+
+    async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
+        let mut q = sqlx::query(AssertSqlSafe(SQL.select(table)));
+        for (c, v) in key_columns(table, key) {
+            q = bind(q, c, v);
+        }
+        let Some(row) = q.fetch_optional(&mut *self.tx).await? else { return Ok(None) };
+        let mut values = Row::new();
+        for (i, col) in table.columns.iter().enumerate() {
+            values.insert(col.name.clone(), decode(&row, i, col)?);
+        }
+        let placeholders = vec!["?"; table.primary_key.len()].join(", ");
+        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
+            "SELECT version FROM ferry_rows WHERE tbl = ? AND pk = json_array({placeholders})"
+        )))
+        .bind(&table.name);
+        for (_, v) in key_columns(table, key) {
+            q = match v {
+                Value::Integer(i) => q.bind(i),
+                Value::Text(t) => q.bind(t),
+                Value::Bytes(b) => q.bind(b),
+                other => q.bind(other.to_string()),
+            };
+        }
+        let version = q.fetch_optional(&mut *self.tx).await?.unwrap_or(0);
+        Ok(Some((values, version as u64)))
+    }
+
+    async fn log_applied(
+        &mut self,
+        device_id: &str,
+        batch_seq: u64,
+        event_seq: u64,
+        table: &str,
+        op: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO ferry_apply_log (device_id, batch_seq, event_seq, tbl, op) VALUES (?, ?, ?, ?, ?)")
+            .bind(device_id)
+            .bind(batch_seq as i64)
+            .bind(event_seq as i64)
+            .bind(table)
+            .bind(op)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
 }

@@ -1,0 +1,387 @@
+//! The apply engine: applies one device batch, in order, exactly once, in one database
+//! transaction (R2, R4, R5, R6, R7, R13, R17).
+//!
+//! Per batch: lock the device; a replay of the last batch gets its stored result; anything but
+//! the next sequence number is refused. Per event, inside a savepoint so one failure undoes only
+//! that event: resolve the table, check access and dependencies, validate values, translate
+//! temporary keys through the durable key map, detect conflicts against the row version, write,
+//! and read back the server's row image. The effects, the key map, the stored result and the
+//! new sequence number commit together.
+
+mod values;
+
+use std::collections::{HashMap, HashSet};
+
+use ferry_protocol::{
+    Batch, BatchResult, ConflictPolicy, ErrorCode, Event, EventOutcome, Failure, FailureCode, Key, KeyRemap, Op,
+    Outcome, Row, RowImage, Schema, Table, Value,
+};
+
+use crate::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks};
+use crate::store::StoreError;
+use crate::store::apply_tx::{ApplyTx, WriteError};
+
+/// Why a batch as a whole was refused (nothing was applied).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The request is refused with this error code (409, 403…).
+    #[error("{message}")]
+    Refused {
+        /// The error code.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+        /// For `sequence_gap`: the sequence number expected.
+        expected_batch_seq: Option<u64>,
+    },
+    /// Storage failed; the transaction was rolled back and the device will retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Applies `batch` for `user_id`. `schema` is the schema being served; `compatible` says whether
+/// events recorded under the batch's schema version can be applied (R17).
+pub async fn apply_batch<T: ApplyTx>(
+    mut tx: T,
+    schema: &Schema,
+    compatible: Result<(), String>,
+    user_id: &str,
+    mut batch: Batch,
+    hooks: &dyn Hooks,
+) -> Result<BatchResult, ApplyError> {
+    let mut device = tx.lock_device(&batch.device_id, user_id).await?;
+    if device.user_id != user_id {
+        return Err(ApplyError::Refused {
+            code: ErrorCode::Forbidden,
+            message: "this device id belongs to another user".into(),
+            expected_batch_seq: None,
+        });
+    }
+    let expected = device.next_batch_seq;
+    if batch.batch_seq + 1 == expected && device.last_digest.is_some() {
+        // A retry of the last applied batch: answer with its stored result, apply nothing.
+        if device.last_digest == Some(batch.digest.0) {
+            let stored = device.last_result.as_deref().unwrap_or_default();
+            let result = postcard::from_bytes(stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            return Ok(result);
+        }
+        return Err(ApplyError::Refused {
+            code: ErrorCode::DigestMismatch,
+            message: format!("batch {} was already applied with different content", batch.batch_seq),
+            expected_batch_seq: Some(expected),
+        });
+    }
+    if batch.batch_seq != expected {
+        return Err(ApplyError::Refused {
+            code: ErrorCode::SequenceGap,
+            message: format!("batch {} arrived but batch {expected} is expected next", batch.batch_seq),
+            expected_batch_seq: Some(expected),
+        });
+    }
+
+    let ctx = BatchContext { user_id: user_id.into(), device_id: batch.device_id.clone(), batch_seq: batch.batch_seq };
+    let digest = batch.digest;
+    hooks.before_batch(&ctx, &mut batch);
+    let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default() };
+    let mut outcomes = Vec::with_capacity(batch.events.len());
+    let mut aborted = false;
+    for mut event in std::mem::take(&mut batch.events) {
+        let outcome = if aborted {
+            Outcome::NotApplied
+        } else if let Err(reason) = &compatible {
+            Outcome::Failed(failure(FailureCode::UpgradeRequired, format!("recorded under an older schema: {reason}")))
+        } else {
+            match hooks.before_event(&ctx, &mut event) {
+                EventVerdict::Reject(message) => Outcome::Failed(failure(FailureCode::Validation, message)),
+                EventVerdict::Apply => run.apply_event(&mut tx, batch.batch_seq, &event).await?,
+            }
+        };
+        match &outcome {
+            Outcome::Applied => hooks.after_event(&ctx, &event),
+            Outcome::Failed(f) => {
+                run.state.failed_txs.insert(event.tx);
+                if hooks.on_failure(&ctx, &event, f) == AfterFailure::AbortRest {
+                    aborted = true;
+                }
+            }
+            Outcome::NotApplied => {}
+        }
+        outcomes.push(EventOutcome { seq: event.seq, outcome });
+    }
+    let result =
+        BatchResult { batch_seq: batch.batch_seq, outcomes, remaps: run.state.remaps, images: run.state.images };
+    hooks.after_batch(&ctx, &result);
+    device.next_batch_seq = expected + 1;
+    device.last_digest = Some(digest.0);
+    device.last_result = Some(postcard::to_stdvec(&result).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    tx.save_device(&device).await?;
+    tx.commit().await?;
+    Ok(result)
+}
+
+fn failure(code: FailureCode, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into(), column: None, server_row: None }
+}
+
+#[derive(Default)]
+struct RunState {
+    /// Local transactions with a failed event: their later events fail as dependants.
+    failed_txs: HashSet<u64>,
+    /// Temporary keys assigned in this batch (also recorded in the durable key map).
+    assigned: HashMap<(String, i64), i64>,
+    remaps: Vec<KeyRemap>,
+    images: Vec<RowImage>,
+}
+
+struct Run<'a> {
+    schema: &'a Schema,
+    device_id: &'a str,
+    state: RunState,
+}
+
+/// The outcome of one event before hooks see it; `Err` aborts the batch.
+type EventResult = Result<Outcome, StoreError>;
+
+impl Run<'_> {
+    async fn apply_event<T: ApplyTx>(&mut self, tx: &mut T, batch_seq: u64, event: &Event) -> EventResult {
+        let Some(table) = self.schema.table(&event.table) else {
+            return Ok(Outcome::Failed(failure(
+                FailureCode::UnknownTable,
+                format!("table {:?} is not synced by this server", event.table),
+            )));
+        };
+        if self.state.failed_txs.contains(&event.tx) {
+            return Ok(Outcome::Failed(failure(
+                FailureCode::DependencyFailed,
+                "an earlier event of the same local transaction failed",
+            )));
+        }
+        let allowed = match event.op {
+            Op::Insert => table.access.insert,
+            Op::Update => table.access.update,
+            Op::Delete => table.access.delete,
+        };
+        if !allowed {
+            return Ok(Outcome::Failed(failure(
+                FailureCode::Permission,
+                format!("devices may not {} rows of {}", event.op.as_str(), table.name),
+            )));
+        }
+        let mut values = match values::check(table, event) {
+            Ok(values) => values,
+            Err(f) => return Ok(Outcome::Failed(f)),
+        };
+        // Translate temporary keys (the row's own, for update/delete; foreign keys always).
+        let key = if event.op == Op::Insert {
+            event.key.clone()
+        } else {
+            match self.resolve_key(tx, table, &event.key).await? {
+                Ok(key) => key,
+                Err(f) => return Ok(Outcome::Failed(f)),
+            }
+        };
+        for fk in &table.foreign_keys {
+            let Some(Value::Integer(temp)) = values.get(&fk.column).cloned() else { continue };
+            let parent_auto = self.schema.table(&fk.references).is_some_and(|p| p.auto_number);
+            if temp >= 0 || !parent_auto {
+                continue;
+            }
+            match self.real_key(tx, &fk.references, temp).await? {
+                Some(real) => {
+                    values.insert(fk.column.clone(), Value::Integer(real));
+                }
+                None => {
+                    let mut f = failure(
+                        FailureCode::DependencyFailed,
+                        format!(
+                            "{} refers to a {} row whose insert failed or was never sent",
+                            fk.column, fk.references
+                        ),
+                    );
+                    f.column = Some(fk.column.clone());
+                    return Ok(Outcome::Failed(f));
+                }
+            }
+        }
+        tx.savepoint().await?;
+        let written = match event.op {
+            Op::Insert => self.insert(tx, table, &event.key, values).await,
+            Op::Update => self.update(tx, table, &key, event, values).await,
+            Op::Delete => self.delete(tx, table, &key, event).await,
+        };
+        match written {
+            Ok(Written::Applied(image_key)) => {
+                tx.release_savepoint().await?;
+                if let Some(image_key) = image_key
+                    && let Some((values, version)) = tx.read_row(table, &image_key).await?
+                {
+                    self.state.images.push(RowImage { table: table.name.clone(), key: image_key, version, values });
+                }
+                tx.log_applied(self.device_id, batch_seq, event.seq, &table.name, event.op.as_str()).await?;
+                Ok(Outcome::Applied)
+            }
+            Ok(Written::Failed(f)) => {
+                tx.rollback_to_savepoint().await?;
+                Ok(Outcome::Failed(f))
+            }
+            Err(WriteError::Constraint(message)) => {
+                tx.rollback_to_savepoint().await?;
+                let mut f = failure(FailureCode::Constraint, message);
+                if event.op != Op::Insert {
+                    f.server_row = tx.read_row(table, &key).await?.map(|(row, _)| row);
+                }
+                Ok(Outcome::Failed(f))
+            }
+            Err(WriteError::Value(message)) => {
+                tx.rollback_to_savepoint().await?;
+                Ok(Outcome::Failed(failure(FailureCode::TypeMismatch, message)))
+            }
+            Err(WriteError::Store(e)) => Err(e),
+        }
+    }
+
+    async fn real_key<T: ApplyTx>(&self, tx: &mut T, table: &str, temp: i64) -> Result<Option<i64>, StoreError> {
+        if let Some(real) = self.state.assigned.get(&(table.to_string(), temp)) {
+            return Ok(Some(*real));
+        }
+        tx.real_key(self.device_id, table, temp).await
+    }
+
+    async fn resolve_key<T: ApplyTx>(
+        &self,
+        tx: &mut T,
+        table: &Table,
+        key: &Key,
+    ) -> Result<Result<Key, Failure>, StoreError> {
+        if !(table.auto_number && key.is_temporary()) {
+            return Ok(Ok(key.clone()));
+        }
+        let temp = key.0[0].as_integer().unwrap_or_default();
+        Ok(match self.real_key(tx, &table.name, temp).await? {
+            Some(real) => Ok(Key::int(real)),
+            None => Err(failure(
+                FailureCode::DependencyFailed,
+                format!("the {} row {key} was never created on the server (its insert failed)", table.name),
+            )),
+        })
+    }
+
+    async fn insert<T: ApplyTx>(
+        &mut self,
+        tx: &mut T,
+        table: &Table,
+        device_key: &Key,
+        mut values: Row,
+    ) -> Result<Written, WriteError> {
+        let temporary = (table.auto_number && device_key.is_temporary()).then(|| device_key.0[0].as_integer());
+        if table.auto_number {
+            // The server assigns auto-numbered keys; a device-chosen positive key is kept as is.
+            if temporary.is_some() {
+                values.remove(&table.primary_key[0]);
+            }
+        }
+        let columns = values::columns(table, values);
+        let key = tx.insert(table, &columns).await?;
+        if let Some(Some(temp)) = temporary
+            && let Some(real) = key.0.first().and_then(Value::as_integer)
+        {
+            tx.record_real_key(self.device_id, &table.name, temp, real).await?;
+            self.state.assigned.insert((table.name.clone(), temp), real);
+            self.state.remaps.push(KeyRemap {
+                table: table.name.clone(),
+                temporary: device_key.clone(),
+                real: key.clone(),
+            });
+        }
+        Ok(Written::Applied(Some(key)))
+    }
+
+    async fn update<T: ApplyTx>(
+        &mut self,
+        tx: &mut T,
+        table: &Table,
+        key: &Key,
+        event: &Event,
+        values: Row,
+    ) -> Result<Written, WriteError> {
+        let Some((current, version)) = tx.read_row(table, key).await? else {
+            return Ok(Written::Failed(failure(
+                FailureCode::NotFound,
+                format!("{} row {key} does not exist", table.name),
+            )));
+        };
+        let conflict = event.base_version.is_some_and(|seen| seen != version);
+        // Without a conflict, write the columns the device changed (all if it did not say).
+        let mut write: Row = if event.changed.is_empty() {
+            values.clone()
+        } else {
+            values.iter().filter(|(c, _)| event.changed.contains(c)).map(|(c, v)| (c.clone(), v.clone())).collect()
+        };
+        if conflict {
+            match table.conflict {
+                ConflictPolicy::Reject => return Ok(Written::Failed(conflict_failure(table, current, None))),
+                ConflictPolicy::ServerWins => return Ok(Written::Applied(Some(key.clone()))),
+                ConflictPolicy::ClientWins => write = values,
+                ConflictPolicy::Merge => {
+                    for column in &event.changed {
+                        let before = event.previous.get(column).unwrap_or(&Value::Null);
+                        if current.get(column).unwrap_or(&Value::Null) != before {
+                            return Ok(Written::Failed(conflict_failure(table, current, Some(column.clone()))));
+                        }
+                    }
+                }
+            }
+        }
+        for pk in &table.primary_key {
+            write.remove(pk);
+        }
+        let changed = tx.update(table, key, &values::columns(table, write)).await?;
+        if changed == 0 {
+            return Ok(Written::Failed(failure(
+                FailureCode::NotFound,
+                format!("{} row {key} does not exist", table.name),
+            )));
+        }
+        Ok(Written::Applied(Some(key.clone())))
+    }
+
+    async fn delete<T: ApplyTx>(
+        &mut self,
+        tx: &mut T,
+        table: &Table,
+        key: &Key,
+        event: &Event,
+    ) -> Result<Written, WriteError> {
+        let Some((current, version)) = tx.read_row(table, key).await? else {
+            // Already gone: the device's intent holds.
+            return Ok(Written::Applied(None));
+        };
+        if event.base_version.is_some_and(|seen| seen != version) {
+            match table.conflict {
+                ConflictPolicy::Reject | ConflictPolicy::Merge => {
+                    return Ok(Written::Failed(conflict_failure(table, current, None)));
+                }
+                ConflictPolicy::ServerWins => return Ok(Written::Applied(Some(key.clone()))),
+                ConflictPolicy::ClientWins => {}
+            }
+        }
+        tx.delete(table, key).await?;
+        Ok(Written::Applied(None))
+    }
+}
+
+/// What writing one event did.
+enum Written {
+    /// Applied; the key of the row whose image goes back to the device, if it still exists.
+    Applied(Option<Key>),
+    /// Refused by Ferry's own rules (not found, conflict).
+    Failed(Failure),
+}
+
+fn conflict_failure(table: &Table, server_row: Row, column: Option<String>) -> Failure {
+    let message = match &column {
+        Some(c) => format!("{}.{c} was changed on the server since this device last received it", table.name),
+        None => format!("the {} row was changed on the server since this device last received it", table.name),
+    };
+    Failure { code: FailureCode::Conflict, message, column, server_row: Some(server_row) }
+}

@@ -1,0 +1,371 @@
+//! The send endpoint (`POST /v1/batches`) and the apply engine, through the HTTP router, on
+//! SQLite and PostgreSQL: ordering, exactly-once, key remaps across batches, failure feedback,
+//! conflicts, hostile batches, hooks and authentication.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use ferry_protocol::*;
+use ferry_server::backend_tests;
+use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks, NoHooks};
+use ferry_server::http::AppState;
+use ferry_server::testing::Backend;
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+struct Harness {
+    state: AppState,
+    app: axum::Router,
+    token: String,
+}
+
+async fn harness_with(backend: Backend, hooks: Arc<dyn Hooks>) -> Option<Harness> {
+    let database = backend.database().await?;
+    let storage = StorageArgs { database, schema: None };
+    let auth = AuthArgs { jwt_secret: Some(SECRET.into()), jwt_secret_file: "unused".into() };
+    let state = ferry_server::prepare_with_hooks(&storage, Limits::default(), &auth, hooks).await.unwrap();
+    let token = state.auth.issue("alice", Duration::from_secs(600)).unwrap();
+    let app = ferry_server::http::router(state.clone());
+    // Products are server-managed: seed them directly, as an operator (or another system) would.
+    let seed = [(1, "pen", 1.5, 10), (2, "ink", 4.0, 3)];
+    for (id, name, price, stock) in seed {
+        let sql = format!("INSERT INTO product (id, name, price, stock) VALUES ({id}, '{name}', {price}, {stock})");
+        state.store.execute_admin_sql(&sql).await.unwrap();
+    }
+    Some(Harness { state, app, token })
+}
+
+async fn harness(backend: Backend) -> Option<Harness> {
+    harness_with(backend, Arc::new(NoHooks)).await
+}
+
+enum Answer {
+    Ok(BatchResult),
+    Err(StatusCode, ErrorBody),
+}
+
+impl Answer {
+    fn ok(self) -> BatchResult {
+        match self {
+            Answer::Ok(r) => r,
+            Answer::Err(status, body) => panic!("batch refused: {status} {body:?}"),
+        }
+    }
+    fn err(self) -> (StatusCode, ErrorBody) {
+        match self {
+            Answer::Ok(r) => panic!("batch accepted: {r:?}"),
+            Answer::Err(status, body) => (status, body),
+        }
+    }
+}
+
+impl Harness {
+    fn schema_version(&self) -> String {
+        self.state.schema.schema.version.clone()
+    }
+
+    async fn post_raw(&self, body: Vec<u8>, content_type: &str, token: &str) -> Answer {
+        let req = Request::post("/v1/batches")
+            .header("content-type", content_type)
+            .header("accept", "application/x-ferry+postcard")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body))
+            .unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        if status == StatusCode::OK {
+            Answer::Ok(Encoding::Postcard.decode(&bytes, 1 << 24).unwrap())
+        } else {
+            Answer::Err(status, Encoding::Json.decode(&bytes, 1 << 24).unwrap())
+        }
+    }
+
+    async fn send(&self, batch: &Batch) -> Answer {
+        self.post_raw(Encoding::Postcard.encode(batch).unwrap(), "application/x-ferry+postcard", &self.token).await
+    }
+
+    fn batch(&self, device: &str, seq: u64, events: Vec<Event>) -> Batch {
+        Batch::new(device.into(), seq, self.schema_version(), events)
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        self.state.store.query_i64(sql).await.unwrap()
+    }
+}
+
+fn row(pairs: &[(&str, Value)]) -> Row {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+fn insert(seq: u64, tx: u64, table: &str, key: i64, values: &[(&str, Value)]) -> Event {
+    Event {
+        seq,
+        tx,
+        table: table.into(),
+        op: Op::Insert,
+        key: Key::int(key),
+        values: row(values),
+        base_version: None,
+        changed: vec![],
+        previous: Row::new(),
+    }
+}
+
+fn update(seq: u64, tx: u64, table: &str, key: i64, values: &[(&str, Value)], base: Option<u64>) -> Event {
+    let changed = values.iter().map(|(k, _)| k.to_string()).collect();
+    Event {
+        seq,
+        tx,
+        table: table.into(),
+        op: Op::Update,
+        key: Key::int(key),
+        values: row(values),
+        base_version: base,
+        changed,
+        previous: Row::new(),
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+fn int(i: i64) -> Value {
+    Value::Integer(i)
+}
+
+fn customer(seq: u64, tx: u64, temp: i64, name: &str) -> Event {
+    insert(seq, tx, "customer", temp, &[("id", int(temp)), ("name", text(name))])
+}
+
+fn codes(result: &BatchResult) -> Vec<&str> {
+    result
+        .outcomes
+        .iter()
+        .map(|o| match &o.outcome {
+            Outcome::Applied => "applied",
+            Outcome::NotApplied => "not_applied",
+            Outcome::Failed(f) => f.code.as_str(),
+        })
+        .collect()
+}
+
+backend_tests! {
+    async fn a_batch_applies_in_order_and_its_replay_returns_the_stored_result(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let mut events = vec![customer(1, 1, -1, "Ada")];
+        for i in 0..20 {
+            events.push(update(2 + i, 2 + i, "customer", -1, &[("city", text(&format!("city {i}")))], None));
+        }
+        let batch = h.batch("dev-a", 1, events);
+        let first = h.send(&batch).await.ok();
+        assert!(codes(&first).iter().all(|c| *c == "applied"), "{:?}", codes(&first));
+        assert_eq!(first.remaps.len(), 1);
+        let real = first.remaps[0].real.clone();
+        assert!(real.0[0].as_integer().unwrap() > 0);
+        assert_eq!(h.scalar("SELECT count(*) FROM customer WHERE city = 'city 19'").await, 1);
+        // The response was lost: the retry gets the same result and nothing is applied twice.
+        let again = h.send(&batch).await.ok();
+        assert_eq!(again, first);
+        assert_eq!(h.scalar("SELECT count(*) FROM customer").await, 1);
+        assert_eq!(h.scalar("SELECT count(*) FROM ferry_apply_log").await, 21);
+        // Applied in device order.
+        let in_order = h.scalar("SELECT count(*) FROM ferry_apply_log a JOIN ferry_apply_log b
+                                 ON a.id < b.id AND a.event_seq > b.event_seq").await;
+        assert_eq!(in_order, 0);
+    }
+
+    async fn same_sequence_with_other_content_and_gaps_are_refused(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.send(&h.batch("dev-b", 1, vec![customer(1, 1, -1, "Ada")])).await.ok();
+        let (status, err) = h.send(&h.batch("dev-b", 1, vec![customer(1, 1, -1, "Eve")])).await.err();
+        assert_eq!((status, err.code), (StatusCode::CONFLICT, ErrorCode::DigestMismatch));
+        let (status, err) = h.send(&h.batch("dev-b", 3, vec![customer(2, 2, -2, "Bob")])).await.err();
+        assert_eq!((status, err.code, err.expected_batch_seq), (StatusCode::CONFLICT, ErrorCode::SequenceGap, Some(2)));
+        let (_, err) = h.send(&h.batch("dev-new", 2, vec![])).await.err();
+        assert_eq!(err.expected_batch_seq, Some(1));
+        assert_eq!(h.scalar("SELECT count(*) FROM customer").await, 1, "refused batches change nothing");
+        // A tampered digest is refused before anything happens.
+        let mut tampered = h.batch("dev-b", 2, vec![customer(2, 2, -2, "Bob")]);
+        tampered.events[0].values.insert("name".into(), text("Mallory"));
+        let (status, err) = h.send(&tampered).await.err();
+        assert_eq!((status, err.code), (StatusCode::BAD_REQUEST, ErrorCode::BadRequest));
+    }
+
+    async fn temporary_keys_are_remapped_across_batches(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let r1 = h.send(&h.batch("dev-c", 1, vec![customer(1, 1, -1, "Ada")])).await.ok();
+        let customer_id = r1.remaps[0].real.0[0].as_integer().unwrap();
+        // Batch 2 still uses the temporary customer key; the server's durable key map translates it.
+        let invoice = insert(2, 2, "invoice", -2, &[
+            ("id", int(-2)), ("customer_id", int(-1)), ("salesperson_id", text("alice")),
+        ]);
+        let r2 = h.send(&h.batch("dev-c", 2, vec![invoice])).await.ok();
+        assert_eq!(codes(&r2), ["applied"]);
+        let invoice_id = r2.remaps[0].real.0[0].as_integer().unwrap();
+        assert_eq!(r2.images[0].values["customer_id"], int(customer_id));
+        let line = |seq, temp| insert(seq, seq, "invoice_line", temp, &[
+            ("id", int(temp)), ("invoice_id", int(-2)), ("product_id", int(1)), ("qty", int(1)), ("price", Value::Real(1.5)),
+        ]);
+        let r3 = h.send(&h.batch("dev-c", 3, vec![line(3, -3), line(4, -4)])).await.ok();
+        assert_eq!(codes(&r3), ["applied", "applied"]);
+        let sql = format!("SELECT count(*) FROM invoice_line WHERE invoice_id = {invoice_id}");
+        assert_eq!(h.scalar(&sql).await, 2);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice_line WHERE invoice_id < 0").await, 0);
+        // Another device's temporary keys are its own.
+        let other = insert(1, 1, "invoice", -2, &[("id", int(-2)), ("customer_id", int(-1)), ("salesperson_id", text("alice"))]);
+        let r = h.send(&h.batch("dev-other", 1, vec![other])).await.ok();
+        assert_eq!(codes(&r), ["dependency_failed"]);
+    }
+
+    async fn the_stock_rule_fails_one_line_and_its_dependants_only(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let inv = insert(1, 1, "invoice", -1, &[("id", int(-1)), ("customer_id", int(-9)), ("salesperson_id", text("alice"))]);
+        let cust = customer(0, 1, -9, "Ada");
+        let line = |seq, tx, temp, product, qty| insert(seq, tx, "invoice_line", temp, &[
+            ("id", int(temp)), ("invoice_id", int(-1)), ("product_id", int(product)), ("qty", int(qty)), ("price", Value::Real(1.0)),
+        ]);
+        let events = vec![
+            cust,
+            inv,
+            line(2, 2, -2, 2, 2),  // ink: 3 → 1
+            line(3, 3, -3, 2, 2),  // ink: not enough stock → constraint
+            line(4, 3, -4, 1, 1),  // same local transaction as the failure → dependency_failed
+            line(5, 4, -5, 1, 1),  // pen, independent → applied
+            update(6, 5, "invoice_line", -3, &[("qty", int(1))], None), // refers to the failed insert
+        ];
+        let r = h.send(&h.batch("dev-d", 1, events)).await.ok();
+        assert_eq!(codes(&r), ["applied", "applied", "applied", "constraint", "dependency_failed", "applied", "dependency_failed"]);
+        let Outcome::Failed(f) = &r.outcomes[3].outcome else { panic!() };
+        assert!(f.message.contains("not enough stock"), "{}", f.message);
+        assert_eq!(h.scalar("SELECT stock FROM product WHERE id = 2").await, 1);
+        assert_eq!(h.scalar("SELECT stock FROM product WHERE id = 1").await, 9);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice_line").await, 2);
+    }
+
+    async fn hostile_events_fail_alone_and_change_nothing(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let mut no_key = customer(5, 5, -5, "NoKey");
+        no_key.key = Key(vec![]);
+        let events = vec![
+            insert(1, 1, "nope", 1, &[("id", int(1))]),
+            insert(2, 2, "customer", -2, &[("id", int(-2)), ("name", text("x")), ("shoe_size", int(3))]),
+            insert(3, 3, "customer", -3, &[("id", int(-3)), ("name", int(3))]),
+            insert(4, 4, "customer", -4, &[("id", int(-4))]),
+            no_key,
+            insert(6, 6, "product", 9, &[("id", int(9)), ("name", text("free")), ("price", Value::Real(0.0)), ("stock", int(1))]),
+            insert(7, 7, "customer", -7, &[("id", int(-7)), ("name", text("Robert'); DROP TABLE customer;--"))]),
+            insert(8, 8, "customer\"; DROP TABLE customer; --", 1, &[("id", int(1))]),
+        ];
+        let r = h.send(&h.batch("dev-e", 1, events)).await.ok();
+        assert_eq!(codes(&r), [
+            "unknown_table", "unknown_column", "type_mismatch", "validation", "validation", "permission", "applied", "unknown_table",
+        ]);
+        assert_eq!(h.scalar("SELECT count(*) FROM customer").await, 1);
+        assert_eq!(h.scalar("SELECT count(*) FROM customer WHERE name = 'Robert''); DROP TABLE customer;--'").await, 1);
+        assert_eq!(h.scalar("SELECT count(*) FROM product").await, 2);
+    }
+
+    async fn conflicts_follow_each_tables_policy(backend) {
+        let Some(h) = harness(backend).await else { return };
+        // invoice: reject; customer: merge.
+        let r = h.send(&h.batch("dev-f", 1, vec![
+            customer(1, 1, -1, "Ada"),
+            insert(2, 2, "invoice", -2, &[("id", int(-2)), ("customer_id", int(-1)), ("salesperson_id", text("alice")), ("total", Value::Real(1.0))]),
+        ])).await.ok();
+        let cust = r.images.iter().find(|i| i.table == "customer").unwrap().clone();
+        let inv = r.images.iter().find(|i| i.table == "invoice").unwrap().clone();
+        let (cid, iid) = (cust.key.0[0].as_integer().unwrap(), inv.key.0[0].as_integer().unwrap());
+        // Someone changes both rows on the server.
+        h.state.store.execute_admin_sql(&format!("UPDATE customer SET city = 'Oslo' WHERE id = {cid}")).await.unwrap();
+        h.state.store.execute_admin_sql(&format!("UPDATE invoice SET total = 9 WHERE id = {iid}")).await.unwrap();
+        // The device updates from the old versions.
+        let mut name_change = update(3, 3, "customer", cid, &[("name", text("Ada L."))], Some(cust.version));
+        name_change.previous = row(&[("name", text("Ada"))]);
+        let mut city_change = update(4, 4, "customer", cid, &[("city", text("Rome"))], Some(cust.version));
+        city_change.previous = row(&[("city", Value::Null)]);
+        let total_change = update(5, 5, "invoice", iid, &[("total", Value::Real(2.0))], Some(inv.version));
+        let r = h.send(&h.batch("dev-f", 2, vec![name_change, city_change, total_change])).await.ok();
+        // merge: another column changed on the server → applied; the same column → conflict.
+        assert_eq!(codes(&r), ["applied", "conflict", "conflict"]);
+        let Outcome::Failed(f) = &r.outcomes[1].outcome else { panic!() };
+        assert_eq!(f.column.as_deref(), Some("city"));
+        assert_eq!(f.server_row.as_ref().unwrap()["city"], text("Oslo"));
+        let Outcome::Failed(f) = &r.outcomes[2].outcome else { panic!() };
+        assert_eq!(f.server_row.as_ref().unwrap()["total"], Value::Real(9.0));
+        let sql = format!("SELECT count(*) FROM customer WHERE id = {cid} AND name = 'Ada L.' AND city = 'Oslo'");
+        assert_eq!(h.scalar(&sql).await, 1);
+        assert_eq!(h.scalar(&format!("SELECT count(*) FROM invoice WHERE id = {iid} AND total = 9")).await, 1);
+    }
+
+    async fn hooks_can_reject_edit_and_abort(backend) {
+        struct Rules;
+        impl Hooks for Rules {
+            fn before_event(&self, _: &BatchContext, event: &mut Event) -> EventVerdict {
+                match event.values.get("name") {
+                    Some(Value::Text(n)) if n == "Spam" => EventVerdict::Reject("no spam".into()),
+                    Some(Value::Text(n)) if n == "lower" => {
+                        event.values.insert("name".into(), Value::Text("UPPER".into()));
+                        EventVerdict::Apply
+                    }
+                    _ => EventVerdict::Apply,
+                }
+            }
+            fn on_failure(&self, _: &BatchContext, _: &Event, f: &Failure) -> AfterFailure {
+                if f.message == "no spam" { AfterFailure::AbortRest } else { AfterFailure::Continue }
+            }
+        }
+        let Some(h) = harness_with(backend, Arc::new(Rules)).await else { return };
+        let r = h.send(&h.batch("dev-g", 1, vec![
+            customer(1, 1, -1, "lower"),
+            customer(2, 2, -2, "Spam"),
+            customer(3, 3, -3, "Later"),
+        ])).await.ok();
+        assert_eq!(codes(&r), ["applied", "validation", "not_applied"]);
+        assert_eq!(h.scalar("SELECT count(*) FROM customer WHERE name = 'UPPER'").await, 1);
+        assert_eq!(h.scalar("SELECT count(*) FROM customer").await, 1);
+    }
+
+    async fn batches_need_a_valid_token_and_devices_stay_with_their_user(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let batch = h.batch("dev-h", 1, vec![customer(1, 1, -1, "Ada")]);
+        let body = Encoding::Postcard.encode(&batch).unwrap();
+        let (status, err) = h.post_raw(body.clone(), "application/x-ferry+postcard", "forged.token.here").await.err();
+        assert_eq!((status, err.code), (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized));
+        h.send(&batch).await.ok();
+        let bob = h.state.auth.issue("bob", Duration::from_secs(60)).unwrap();
+        let next = h.batch("dev-h", 2, vec![customer(2, 2, -2, "Bob")]);
+        let (status, err) =
+            h.post_raw(Encoding::Postcard.encode(&next).unwrap(), "application/x-ferry+postcard", &bob).await.err();
+        assert_eq!((status, err.code), (StatusCode::FORBIDDEN, ErrorCode::Forbidden));
+        // Bob cannot read alice's stored result by replaying her batch either.
+        let (status, _) = h.post_raw(body, "application/x-ferry+postcard", &bob).await.err();
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    async fn malformed_and_oversized_bodies_get_typed_errors(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let (status, err) = h.post_raw(vec![1, 2, 3], "application/x-ferry+postcard", &h.token).await.err();
+        assert_eq!((status, err.code), (StatusCode::BAD_REQUEST, ErrorCode::BadRequest));
+        let (status, err) = h.post_raw(b"{}".to_vec(), "text/plain", &h.token).await.err();
+        assert_eq!((status, err.code), (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType));
+        let json = br#"{"protocol":7,"message":{}}"#.to_vec();
+        let (status, err) = h.post_raw(json, "application/json", &h.token).await.err();
+        assert_eq!((status, err.code), (StatusCode::BAD_REQUEST, ErrorCode::ProtocolVersion));
+        let huge = vec![0u8; Limits::default().max_body_bytes + 1];
+        let (status, err) = h.post_raw(huge, "application/x-ferry+postcard", &h.token).await.err();
+        assert_eq!((status, err.code, err.limit), (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, Some(Limits::default().max_body_bytes as u64)));
+        // The JSON encoding is accepted too.
+        let batch = h.batch("dev-i", 1, vec![customer(1, 1, -1, "Ada")]);
+        let r = h.post_raw(Encoding::Json.encode(&batch).unwrap(), "application/json", &h.token).await.ok();
+        assert_eq!(codes(&r), ["applied"]);
+    }
+}
