@@ -1,2 +1,327 @@
 //! Ferry's device client: the library an app embeds to work offline on a local SQLite database
 //! and synchronize it with a Ferry server.
+//!
+//! ```no_run
+//! # async fn demo() -> ferry_client::Result<()> {
+//! use ferry_client::{Client, ClientConfig};
+//! let client = Client::open("app.db", ClientConfig::new("https://sync.example.com"))?;
+//! client.connect_schema().await?;
+//! client.transaction(|tx| {
+//!     tx.execute("INSERT INTO customer(name, city) VALUES (?1, ?2)", ("Ada", "Paris"))?;
+//!     let customer = tx.last_insert_key()?; // a temporary (negative) key until sent
+//!     tx.execute("INSERT INTO invoice(customer_id, salesperson_id) VALUES (?1, 'u1')", [customer])?;
+//!     Ok(())
+//! })?;
+//! client.checkpoint()?;
+//! let report = client.send().await?;
+//! # let _ = report; Ok(()) }
+//! ```
+
+pub mod db;
+pub mod engine;
+pub mod error;
+pub mod transport;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use ferry_protocol::{Batch, Row, Schema};
+use rusqlite::Connection;
+
+pub use db::log::{EventStatus, PendingEvent};
+pub use engine::batcher::BatchLimits;
+pub use engine::send::{Progress, RetryPolicy, SendReport};
+pub use error::{Error, Result};
+pub use ferry_protocol;
+pub use transport::{Transport, UploadError};
+
+use engine::send::{Command, Input, SendMachine};
+
+/// How a [`Client`] reaches its server and cuts batches.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL of the Ferry server, e.g. `http://127.0.0.1:8080`.
+    pub server_url: String,
+    /// Bearer token sent with every request.
+    pub token: Option<String>,
+    /// Batch size limits (R3).
+    pub batch_limits: BatchLimits,
+    /// Upload attempts per batch before `send` gives up (default 6).
+    pub max_attempts: u32,
+    /// HTTP request timeout (default 30 s).
+    pub request_timeout: std::time::Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for a server URL: no token, default limits, 6 attempts, 30 s timeout.
+    pub fn new(server_url: impl Into<String>) -> Self {
+        ClientConfig {
+            server_url: server_url.into(),
+            token: None,
+            batch_limits: BatchLimits::default(),
+            max_attempts: RetryPolicy::default().max_attempts,
+            request_timeout: transport::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Device databases with a `send()` running in this process (R17: one send at a time).
+static SENDING: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
+struct SendGuard(PathBuf);
+
+impl SendGuard {
+    fn acquire(path: &Path) -> Result<Self> {
+        let mut set = SENDING.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.get_or_insert_with(HashSet::new).insert(path.to_path_buf()) {
+            return Err(Error::AlreadyRunning);
+        }
+        Ok(SendGuard(path.to_path_buf()))
+    }
+}
+
+impl Drop for SendGuard {
+    fn drop(&mut self) {
+        let mut set = SENDING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = set.as_mut() {
+            set.remove(&self.0);
+        }
+    }
+}
+
+/// The device-side sync client over one local database. `Send + Sync`: share it (e.g. in an
+/// `Arc`) across threads and tasks; database access is serialized by an internal mutex.
+pub struct Client {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    config: ClientConfig,
+    transport: Transport,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("path", &self.path).field("server_url", &self.config.server_url).finish()
+    }
+}
+
+/// A local transaction of the app (see [`Client::transaction`]). Every change to synced tables
+/// made through it is captured with the same local transaction id.
+pub struct Tx<'c> {
+    tx: rusqlite::Transaction<'c>,
+}
+
+impl Tx<'_> {
+    /// Executes one SQL statement with bound parameters; returns the number of changed rows.
+    pub fn execute(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+        Ok(self.tx.execute(sql, params)?)
+    }
+
+    /// Executes several SQL statements without parameters.
+    pub fn execute_batch(&self, sql: &str) -> Result<()> {
+        Ok(self.tx.execute_batch(sql)?)
+    }
+
+    /// The key of the most recent insert into an auto-numbered table: the temporary (negative)
+    /// key Ferry gave the row (SQLite's `last_insert_rowid` still reports the original one).
+    pub fn last_insert_key(&self) -> Result<i64> {
+        Ok(self.tx.query_row("SELECT temp_key FROM ferry_ctl WHERE id = 1", [], |r| r.get(0))?)
+    }
+
+    /// The underlying connection, for queries.
+    pub fn connection(&self) -> &Connection {
+        &self.tx
+    }
+}
+
+impl Client {
+    /// Opens (or creates) the device database at `db_path`. No network; uses the stored schema if any.
+    pub fn open(db_path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
+        let conn = db::open(db_path.as_ref())?;
+        let path = std::fs::canonicalize(db_path.as_ref()).unwrap_or_else(|_| db_path.as_ref().to_path_buf());
+        let transport =
+            Transport::with_timeout(config.server_url.clone(), config.token.clone(), config.request_timeout)?;
+        Ok(Client { conn: Mutex::new(conn), path, config, transport })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back on drop).
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This device's id (uuid v7, generated when the database was created).
+    pub fn device_id(&self) -> Result<String> {
+        db::device_id(&self.lock())
+    }
+
+    /// The installed schema, if any.
+    pub fn schema(&self) -> Result<Option<Schema>> {
+        db::stored_schema(&self.lock())
+    }
+
+    fn require_schema(&self, conn: &Connection) -> Result<Schema> {
+        db::stored_schema(conn)?.ok_or(Error::NoSchema)
+    }
+
+    /// Creates or additively migrates the synced tables and installs capture triggers.
+    pub fn install_schema(&self, schema: &Schema) -> Result<()> {
+        db::schema::apply_schema(&mut self.lock(), schema)
+    }
+
+    /// Fetches the schema from the server and installs it.
+    pub async fn connect_schema(&self) -> Result<Schema> {
+        let schema = self.transport.fetch_schema().await?;
+        self.install_schema(&schema)?;
+        Ok(schema)
+    }
+
+    /// Runs `f` in one local transaction; all changes it makes to synced tables share one local
+    /// transaction id (they are sent in one batch and fail together). Commits if `f` returns `Ok`.
+    pub fn transaction<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute("UPDATE ferry_ctl SET tx = tx + 1 WHERE id = 1", [])?;
+        let tx = Tx { tx };
+        let out = f(&tx)?;
+        tx.tx.commit()?;
+        Ok(out)
+    }
+
+    /// Appends a checkpoint: the current `send` request ends here (R3).
+    pub fn checkpoint(&self) -> Result<()> {
+        db::log::append_checkpoint(&self.lock()).map(|_| ())
+    }
+
+    /// Read-only access to the local database (the connection is `query_only` for the duration:
+    /// write through [`Client::transaction`] so changes are captured with a transaction id).
+    pub fn with_connection<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.lock();
+        conn.pragma_update(None, "query_only", true)?;
+        let out = f(&conn);
+        conn.pragma_update(None, "query_only", false)?;
+        out
+    }
+
+    /// Runs a query and returns every row as column name → value.
+    pub fn query_rows(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Row>> {
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(sql)?;
+            let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+            let rows = stmt
+                .query_map(params, |r| {
+                    let mut row = Row::new();
+                    for (i, n) in names.iter().enumerate() {
+                        row.insert(n.clone(), db::values::from_sql(r.get(i)?));
+                    }
+                    Ok(row)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// The log's events with the given status (R6), in device order.
+    pub fn events(&self, status: EventStatus) -> Result<Vec<PendingEvent>> {
+        let conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        db::log::events(&conn, &schema, status)
+    }
+
+    /// Fix-and-retry a failed event: `edits` are written to the local row and the event, which
+    /// becomes pending again.
+    pub fn retry(&self, seq: i64, edits: Option<Row>) -> Result<()> {
+        let mut conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        db::log::retry(&mut conn, &schema, seq, edits.as_ref())
+    }
+
+    /// Discards a failed event and restores the server's version of its row.
+    pub fn discard(&self, seq: i64) -> Result<()> {
+        let mut conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        db::log::discard(&mut conn, &schema, seq)
+    }
+
+    /// The batch the next upload will send (the in-flight one, or a newly cut and persisted one);
+    /// `None` if nothing is pending. `send` calls this; exposed for inspection and tests.
+    pub fn next_batch(&self) -> Result<Option<Batch>> {
+        let mut conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        db::log::prepare_next_batch(&mut conn, &schema, &self.config.batch_limits)
+    }
+
+    /// Applies a server answer to the in-flight batch (what `send` does after each upload).
+    pub fn apply_result(&self, result: &ferry_protocol::BatchResult) -> Result<()> {
+        let mut conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        engine::apply::apply_result(&mut conn, &schema, result)
+    }
+
+    /// Uploads everything pending, one batch at a time, in order (R2–R7).
+    ///
+    /// Only one send runs at a time per device database in this process: a concurrent call gets
+    /// [`Error::AlreadyRunning`]. On a transport failure the same batch is retried with backoff;
+    /// if every attempt fails the batch stays in flight and the next `send` re-sends it unchanged.
+    pub async fn send(&self) -> Result<SendReport> {
+        self.send_inner(None).await
+    }
+
+    /// [`Client::send`], calling `progress` after each batch.
+    pub async fn send_with_progress(&self, progress: impl Fn(Progress) + Send + Sync) -> Result<SendReport> {
+        self.send_inner(Some(&progress)).await
+    }
+
+    async fn send_inner(&self, progress: Option<&(dyn Fn(Progress) + Send + Sync)>) -> Result<SendReport> {
+        let _guard = SendGuard::acquire(&self.path)?;
+        let (events_total, batches_total) = {
+            let conn = self.lock();
+            let schema = self.require_schema(&conn)?;
+            let inflight = db::log::inflight_batch(&conn)?;
+            let entries = db::log::pending_entries(&conn, &schema)?;
+            let planned = engine::batcher::plan(&entries, &self.config.batch_limits).len() as u64;
+            (db::log::unsent_count(&conn)?, planned + u64::from(inflight.is_some()))
+        };
+        let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
+        let mut machine = SendMachine::new(policy, events_total, batches_total);
+        let mut command = machine.start();
+        loop {
+            command = match command {
+                Command::LoadNextBatch => machine.step(Input::BatchLoaded(self.next_batch()?)),
+                Command::Upload(batch) => {
+                    let input = match self.transport.upload(&batch).await {
+                        Ok(result) => Input::Answered(result),
+                        Err(UploadError::Refused(body)) => Input::Refused(body),
+                        Err(UploadError::Transport(reason)) => Input::TransportFailed(reason),
+                    };
+                    machine.step(input)
+                }
+                Command::Sleep(d) => {
+                    tokio::time::sleep(d).await;
+                    machine.step(Input::Slept)
+                }
+                Command::ApplyResult(result) => {
+                    self.apply_result(&result)?;
+                    let next = machine.step(Input::ResultApplied);
+                    if let Some(cb) = progress {
+                        cb(machine.progress());
+                    }
+                    next
+                }
+                Command::Finished(report) => return Ok(report),
+                Command::Failed(e) => return Err(e),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn client_is_send_and_sync() {
+        assert_send_sync::<Client>();
+    }
+}

@@ -5,3 +5,12 @@ pub mod server;
 
 pub use ferry_server::testing::Backend;
 pub use server::ServerProcess;
+
+/// The HS256 secret every e2e server is started with.
+pub const TEST_SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-e2e";
+
+/// A bearer token for `user`, valid for an hour, signed with [`TEST_SECRET`].
+pub fn token(user: &str) -> String {
+    let auth = ferry_server::auth::Auth::hs256(TEST_SECRET.as_bytes()).expect("test secret is long enough");
+    auth.issue(user, std::time::Duration::from_secs(3600)).expect("signing a test token")
+}

@@ -39,6 +39,7 @@ impl ServerProcess {
     fn spawn(database: String, extra_args: Vec<String>) -> anyhow::Result<ServerProcess> {
         let mut child = Command::new(server_binary()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--database", &database])
+            .env("FERRY_JWT_SECRET", crate::TEST_SECRET)
             .args(&extra_args)
             .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())

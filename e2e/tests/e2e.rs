@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use ferry_e2e::{Backend, ServerProcess};
+use ferry_e2e::{Backend, ServerProcess, token};
 use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
 use ferry_server::backend_tests;
 
@@ -22,6 +22,7 @@ backend_tests! {
             let res = http
                 .get(format!("{}/v1/schema", server.url))
                 .header("accept", encoding.media_type())
+                .bearer_auth(token("alice"))
                 .send()
                 .await
                 .unwrap();
@@ -29,7 +30,13 @@ backend_tests! {
             let schema: Schema = encoding.decode(&res.bytes().await.unwrap(), 1 << 20).unwrap();
             assert!(schema.table("invoice_line").is_some());
         }
-        let res = http.get(format!("{}/v1/schema", server.url)).header("accept", "text/csv").send().await.unwrap();
+        let res = http
+            .get(format!("{}/v1/schema", server.url))
+            .header("accept", "text/csv")
+            .bearer_auth(token("alice"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 406);
         let err: ErrorBody = Encoding::Json.decode(&res.bytes().await.unwrap(), 1 << 20).unwrap();
         assert_eq!(err.code, ErrorCode::NotAcceptable);

@@ -1,0 +1,375 @@
+//! The pending log (`ferry_log`): reading entries to batch, and the failed-events API (R6).
+
+use ferry_protocol::{Checkpoint, Event, FailureCode, Key, LogEntry, Op, Row, Schema, Table};
+use rusqlite::{Connection, OptionalExtension, Row as SqlRow, params};
+
+use crate::db::values::{key_from_json, row_from_json, upsert_row, value_to_json};
+use crate::db::{quote, set_applying};
+use crate::error::{Error, Result};
+
+/// The status of a log entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventStatus {
+    /// Waiting to be sent.
+    Pending,
+    /// Part of the batch being uploaded.
+    InFlight,
+    /// Rejected by the server; kept until the app retries or discards it.
+    Rejected,
+    /// Rejected because an event it depends on was rejected.
+    DependencyRejected,
+}
+
+impl EventStatus {
+    /// The name stored in `ferry_log.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Pending => "pending",
+            EventStatus::InFlight => "in_flight",
+            EventStatus::Rejected => "rejected",
+            EventStatus::DependencyRejected => "dependency_rejected",
+        }
+    }
+
+    /// Parses a stored status.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::InFlight, Self::Rejected, Self::DependencyRejected].into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Whether this is one of the two failed statuses.
+    pub fn is_failed(self) -> bool {
+        matches!(self, Self::Rejected | Self::DependencyRejected)
+    }
+}
+
+/// One event of the device log, as the app sees it (with its failure, if any).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvent {
+    /// Device sequence number (log position); the handle for `retry` and `discard`.
+    pub seq: i64,
+    /// Local transaction id.
+    pub tx: i64,
+    /// Table name.
+    pub table: String,
+    /// Insert, update or delete.
+    pub op: Op,
+    /// The row's key.
+    pub key: Key,
+    /// New values (insert/update); empty for delete.
+    pub values: Row,
+    /// Status in the log.
+    pub status: EventStatus,
+    /// Failure code, for failed events.
+    pub failure_code: Option<FailureCode>,
+    /// Failure message, for failed events.
+    pub failure_message: Option<String>,
+    /// Column at fault, where known.
+    pub failure_column: Option<String>,
+    /// The server's current row, where the server sent it.
+    pub server_row: Option<Row>,
+}
+
+const EVENT_COLUMNS: &str = "seq, tx, kind, tbl, pk, new_row, changed, previous, base_version, status, \
+                             failure_code, failure_message, failure_column, server_row";
+
+/// A raw `ferry_log` row.
+struct RawEntry {
+    seq: i64,
+    tx: Option<i64>,
+    kind: String,
+    tbl: Option<String>,
+    pk: Option<String>,
+    new_row: Option<String>,
+    changed: Option<String>,
+    previous: Option<String>,
+    base_version: Option<i64>,
+    status: String,
+    failure_code: Option<String>,
+    failure_message: Option<String>,
+    failure_column: Option<String>,
+    server_row: Option<String>,
+}
+
+fn raw(r: &SqlRow<'_>) -> rusqlite::Result<RawEntry> {
+    Ok(RawEntry {
+        seq: r.get(0)?,
+        tx: r.get(1)?,
+        kind: r.get(2)?,
+        tbl: r.get(3)?,
+        pk: r.get(4)?,
+        new_row: r.get(5)?,
+        changed: r.get(6)?,
+        previous: r.get(7)?,
+        base_version: r.get(8)?,
+        status: r.get(9)?,
+        failure_code: r.get(10)?,
+        failure_message: r.get(11)?,
+        failure_column: r.get(12)?,
+        server_row: r.get(13)?,
+    })
+}
+
+fn op_of(kind: &str) -> Result<Op> {
+    match kind {
+        "insert" => Ok(Op::Insert),
+        "update" => Ok(Op::Update),
+        "delete" => Ok(Op::Delete),
+        other => Err(Error::Corrupt(format!("log entry kind {other:?}"))),
+    }
+}
+
+fn table_of<'s>(schema: &'s Schema, e: &RawEntry) -> Result<&'s Table> {
+    let name = e.tbl.as_deref().ok_or_else(|| Error::Corrupt(format!("log entry {} has no table", e.seq)))?;
+    schema.table(name).ok_or_else(|| Error::NotInSchema(format!("table {name}")))
+}
+
+fn to_event(schema: &Schema, e: &RawEntry) -> Result<Event> {
+    let table = table_of(schema, e)?;
+    let op = op_of(&e.kind)?;
+    let key = key_from_json(table, e.pk.as_deref().unwrap_or("[]"))?;
+    let values = match (&e.new_row, op) {
+        (Some(j), Op::Insert | Op::Update) => row_from_json(table, j)?,
+        _ => Row::new(),
+    };
+    let changed: Vec<String> = match &e.changed {
+        Some(j) => serde_json::from_str(j).map_err(|err| Error::Corrupt(format!("changed columns: {err}")))?,
+        None => Vec::new(),
+    };
+    let previous = match &e.previous {
+        Some(j) => row_from_json(table, j)?,
+        None => Row::new(),
+    };
+    Ok(Event {
+        seq: u64::try_from(e.seq).map_err(|_| Error::Corrupt(format!("seq {}", e.seq)))?,
+        tx: e.tx.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+        table: table.name.clone(),
+        op,
+        key,
+        values,
+        base_version: e.base_version.and_then(|v| u64::try_from(v).ok()),
+        changed,
+        previous,
+    })
+}
+
+/// The entries `send` may batch, in device order: pending events and checkpoints. Rejected and
+/// in-flight events are skipped (rejected ones stay in the log until retried or discarded).
+pub fn pending_entries(conn: &Connection, schema: &Schema) -> Result<Vec<LogEntry>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE status = 'pending' OR kind = 'checkpoint' ORDER BY seq"
+    ))?;
+    let rows = stmt.query_map([], raw)?.collect::<Result<Vec<_>, _>>()?;
+    rows.iter()
+        .map(|e| {
+            if e.kind == "checkpoint" {
+                Ok(LogEntry::Checkpoint(Checkpoint { seq: e.seq as u64 }))
+            } else {
+                to_event(schema, e).map(LogEntry::Event)
+            }
+        })
+        .collect()
+}
+
+/// Appends a checkpoint to the log (R3).
+pub fn append_checkpoint(conn: &Connection) -> Result<i64> {
+    conn.execute("INSERT INTO ferry_log(kind) VALUES ('checkpoint')", [])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The log's events with the given status, in device order.
+pub fn events(conn: &Connection, schema: &Schema, status: EventStatus) -> Result<Vec<PendingEvent>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE status = ?1 AND kind <> 'checkpoint' ORDER BY seq"
+    ))?;
+    let rows = stmt.query_map([status.as_str()], raw)?.collect::<Result<Vec<_>, _>>()?;
+    rows.iter().map(|e| to_pending(schema, e)).collect()
+}
+
+fn to_pending(schema: &Schema, e: &RawEntry) -> Result<PendingEvent> {
+    let table = table_of(schema, e)?;
+    let ev = to_event(schema, e)?;
+    Ok(PendingEvent {
+        seq: e.seq,
+        tx: e.tx.unwrap_or(0),
+        table: ev.table,
+        op: ev.op,
+        key: ev.key,
+        values: ev.values,
+        status: EventStatus::parse(&e.status).ok_or_else(|| Error::Corrupt(format!("status {:?}", e.status)))?,
+        failure_code: e.failure_code.as_deref().and_then(FailureCode::parse),
+        failure_message: e.failure_message.clone(),
+        failure_column: e.failure_column.clone(),
+        server_row: e.server_row.as_deref().map(|j| row_from_json(table, j)).transpose()?,
+    })
+}
+
+fn load_failed(conn: &Connection, seq: i64) -> Result<RawEntry> {
+    let e = conn
+        .query_row(&format!("SELECT {EVENT_COLUMNS} FROM ferry_log WHERE seq = ?1"), [seq], raw)
+        .optional()?
+        .ok_or(Error::NoSuchEvent(seq))?;
+    if !EventStatus::parse(&e.status).is_some_and(EventStatus::is_failed) {
+        return Err(Error::NotFailed(seq));
+    }
+    Ok(e)
+}
+
+/// Fix-and-retry (R6): writes `edits` into the local row and into the event's values (capture
+/// off), and puts the event back to pending so the next `send` uploads it again.
+pub fn retry(conn: &mut Connection, schema: &Schema, seq: i64, edits: Option<&Row>) -> Result<()> {
+    let tx = conn.transaction()?;
+    let e = load_failed(&tx, seq)?;
+    let table = table_of(schema, &e)?;
+    if let Some(edits) = edits.filter(|r| !r.is_empty()) {
+        for col in edits.keys() {
+            if table.column(col).is_none() {
+                return Err(Error::NotInSchema(format!("column {}.{col}", table.name)));
+            }
+            if table.primary_key.contains(col) {
+                return Err(Error::NotInSchema(format!("key column {}.{col} cannot be edited", table.name)));
+            }
+        }
+        if op_of(&e.kind)? != Op::Delete {
+            let key = key_from_json(table, e.pk.as_deref().unwrap_or("[]"))?;
+            set_applying(&tx, true)?;
+            let (clause, mut params) = crate::db::values::key_where(table, &key)?;
+            let sets = edits
+                .keys()
+                .enumerate()
+                .map(|(i, c)| format!("{} = ?{}", quote(c), params.len() + i + 1))
+                .collect::<Vec<_>>()
+                .join(", ");
+            params.extend(edits.values().map(crate::db::values::to_sql));
+            tx.execute(
+                &format!("UPDATE {} SET {sets} WHERE {clause}", quote(&table.name)),
+                rusqlite::params_from_iter(params),
+            )?;
+            set_applying(&tx, false)?;
+            let mut obj: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(e.new_row.as_deref().unwrap_or("{}"))
+                    .map_err(|err| Error::Corrupt(format!("row json: {err}")))?;
+            for (c, v) in edits {
+                obj.insert(c.clone(), value_to_json(v));
+            }
+            let mut changed: Vec<String> =
+                e.changed.as_deref().and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
+            if e.kind == "update" {
+                for c in edits.keys() {
+                    if !changed.contains(c) {
+                        changed.push(c.clone());
+                    }
+                }
+            }
+            let new_row = serde_json::Value::Object(obj).to_string();
+            let changed =
+                if e.kind == "update" { Some(serde_json::to_string(&changed).unwrap_or_default()) } else { None };
+            tx.execute(
+                "UPDATE ferry_log SET new_row = ?1, changed = ?2 WHERE seq = ?3",
+                params![new_row, changed, seq],
+            )?;
+        }
+    }
+    tx.execute(
+        "UPDATE ferry_log SET status = 'pending', batch_seq = NULL, failure_code = NULL, failure_message = NULL,
+           failure_column = NULL, server_row = NULL WHERE seq = ?1",
+        [seq],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Discards a failed event (R6) and restores the server's version of its row: the server's row
+/// if the failure carried one; otherwise, for an insert the server never accepted, the local row
+/// is deleted. Capture is off while restoring.
+pub fn discard(conn: &mut Connection, schema: &Schema, seq: i64) -> Result<()> {
+    let tx = conn.transaction()?;
+    let e = load_failed(&tx, seq)?;
+    let table = table_of(schema, &e)?;
+    let key = key_from_json(table, e.pk.as_deref().unwrap_or("[]"))?;
+    tx.execute("DELETE FROM ferry_log WHERE seq = ?1", [seq])?;
+    set_applying(&tx, true)?;
+    if let Some(server_row) = e.server_row.as_deref() {
+        let row = row_from_json(table, server_row)?;
+        upsert_row(&tx, table, &row)?;
+    } else if e.kind == "insert" {
+        let (clause, params) = crate::db::values::key_where(table, &key)?;
+        tx.execute(&format!("DELETE FROM {} WHERE {clause}", quote(&table.name)), rusqlite::params_from_iter(params))?;
+    }
+    set_applying(&tx, false)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The batch the next upload sends: the stored in-flight batch if there is one (crash recovery:
+/// same id, same content), else the next batch cut from the pending log. A new batch is made
+/// durable in one transaction *before* it is uploaded: its events are marked in flight, consumed
+/// checkpoints deleted, the encoded batch stored and the batch sequence number incremented.
+pub fn prepare_next_batch(
+    conn: &mut Connection,
+    schema: &Schema,
+    limits: &crate::engine::batcher::BatchLimits,
+) -> Result<Option<ferry_protocol::Batch>> {
+    if let Some(batch) = inflight_batch(conn)? {
+        return Ok(Some(batch));
+    }
+    let tx = conn.transaction()?;
+    let entries = pending_entries(&tx, schema)?;
+    let mut rest = entries.as_slice();
+    let batch = loop {
+        let cut = crate::engine::batcher::next_batch(rest, limits);
+        for entry in &rest[..cut.consumed] {
+            match entry {
+                LogEntry::Checkpoint(c) => {
+                    tx.execute("DELETE FROM ferry_log WHERE seq = ?1", [c.seq as i64])?;
+                }
+                LogEntry::Event(_) => {}
+            }
+        }
+        if cut.events > 0 || cut.consumed == 0 {
+            let events: Vec<Event> = rest[..cut.consumed]
+                .iter()
+                .filter_map(|e| match e {
+                    LogEntry::Event(ev) => Some(ev.clone()),
+                    LogEntry::Checkpoint(_) => None,
+                })
+                .collect();
+            break events;
+        }
+        rest = &rest[cut.consumed..];
+    };
+    if batch.is_empty() {
+        tx.commit()?;
+        return Ok(None);
+    }
+    let batch_seq = crate::db::next_batch_seq(&tx)?;
+    let device_id = crate::db::device_id(&tx)?;
+    for ev in &batch {
+        tx.execute(
+            "UPDATE ferry_log SET status = 'in_flight', batch_seq = ?1 WHERE seq = ?2",
+            params![batch_seq as i64, ev.seq as i64],
+        )?;
+    }
+    let batch = ferry_protocol::Batch::new(device_id, batch_seq, schema.version.clone(), batch);
+    let body = postcard::to_stdvec(&batch).map_err(|e| Error::Corrupt(format!("encoding batch: {e}")))?;
+    tx.execute("INSERT INTO ferry_inflight(batch_seq, body) VALUES (?1, ?2)", params![batch_seq as i64, body])?;
+    crate::db::meta_set(&tx, "next_batch_seq", &(batch_seq + 1).to_string())?;
+    tx.commit()?;
+    Ok(Some(batch))
+}
+
+/// The stored in-flight batch, if any.
+pub fn inflight_batch(conn: &Connection) -> Result<Option<ferry_protocol::Batch>> {
+    let body: Option<Vec<u8>> =
+        conn.query_row("SELECT body FROM ferry_inflight ORDER BY batch_seq LIMIT 1", [], |r| r.get(0)).optional()?;
+    body.map(|b| postcard::from_bytes(&b).map_err(|e| Error::Corrupt(format!("in-flight batch: {e}")))).transpose()
+}
+
+/// The number of events waiting to be sent (pending or in flight).
+pub fn unsent_count(conn: &Connection) -> Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM ferry_log WHERE status IN ('pending', 'in_flight') AND kind <> 'checkpoint'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n as u64)
+}

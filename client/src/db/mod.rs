@@ -1,0 +1,126 @@
+//! The local store: opening the device database and migrating Ferry's own tables.
+//!
+//! Ferry's bookkeeping lives next to the app's tables, in tables prefixed `ferry_` (a prefix the
+//! schema loader refuses for synced tables):
+//! - `ferry_meta`: device id, installed schema (JSON), next batch sequence number;
+//! - `ferry_ctl`: one row: current local transaction id, the `applying` flag that switches capture
+//!   off while the sync itself writes, and the last temporary key handed out;
+//! - `ferry_log`: the pending log (events and checkpoints, in device order);
+//! - `ferry_versions`: the server version of each row the device last saw;
+//! - `ferry_inflight`: the exact batch being uploaded (postcard), so a crash re-sends it unchanged.
+
+pub mod log;
+pub mod schema;
+pub mod values;
+
+use std::path::Path;
+
+use ferry_protocol::Schema;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::{Error, Result};
+
+const MIGRATION: &str = r#"
+CREATE TABLE IF NOT EXISTS ferry_meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS ferry_ctl(
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  tx INTEGER NOT NULL,
+  applying INTEGER NOT NULL,
+  temp_key INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO ferry_ctl(id, tx, applying, temp_key) VALUES (1, 0, 0, 0);
+CREATE TABLE IF NOT EXISTS ferry_log(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  tx INTEGER,
+  kind TEXT NOT NULL CHECK (kind IN ('insert', 'update', 'delete', 'checkpoint')),
+  tbl TEXT,
+  pk TEXT,
+  new_row TEXT,
+  changed TEXT,
+  previous TEXT,
+  base_version INTEGER,
+  status TEXT NOT NULL DEFAULT 'pending'
+    CHECK (status IN ('pending', 'in_flight', 'rejected', 'dependency_rejected')),
+  batch_seq INTEGER,
+  failure_code TEXT,
+  failure_message TEXT,
+  failure_column TEXT,
+  server_row TEXT
+);
+CREATE INDEX IF NOT EXISTS ferry_log_row ON ferry_log(tbl, pk);
+CREATE INDEX IF NOT EXISTS ferry_log_batch ON ferry_log(batch_seq);
+CREATE TABLE IF NOT EXISTS ferry_versions(
+  tbl TEXT NOT NULL,
+  pk TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
+"#;
+
+/// Opens (creating if needed) the device database: WAL, foreign keys on, Ferry's tables migrated,
+/// a device id generated on first open. The `applying` flag is reset (a crash mid-apply rolled
+/// its transaction back anyway).
+pub fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(MIGRATION)?;
+    conn.execute("UPDATE ferry_ctl SET applying = 0 WHERE id = 1", [])?;
+    if meta_get(&conn, "device_id")?.is_none() {
+        meta_set(&conn, "device_id", &uuid::Uuid::now_v7().to_string())?;
+    }
+    if meta_get(&conn, "next_batch_seq")?.is_none() {
+        meta_set(&conn, "next_batch_seq", "1")?;
+    }
+    Ok(conn)
+}
+
+/// Reads a `ferry_meta` value.
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM ferry_meta WHERE key = ?1", [key], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
+}
+
+/// Writes a `ferry_meta` value.
+pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO ferry_meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// The device id (a uuid v7 generated on first open).
+pub fn device_id(conn: &Connection) -> Result<String> {
+    meta_get(conn, "device_id")?.ok_or_else(|| Error::Corrupt("ferry_meta has no device_id".into()))
+}
+
+/// The installed schema, if any.
+pub fn stored_schema(conn: &Connection) -> Result<Option<Schema>> {
+    match meta_get(conn, "schema")? {
+        None => Ok(None),
+        Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| Error::Corrupt(format!("stored schema: {e}"))),
+    }
+}
+
+/// The next batch sequence number to assign.
+pub fn next_batch_seq(conn: &Connection) -> Result<u64> {
+    let v = meta_get(conn, "next_batch_seq")?.unwrap_or_else(|| "1".into());
+    v.parse().map_err(|_| Error::Corrupt(format!("next_batch_seq {v:?}")))
+}
+
+/// Switches capture off (`true`) or on (`false`) for writes made by the sync itself.
+pub fn set_applying(conn: &Connection, on: bool) -> Result<()> {
+    conn.execute("UPDATE ferry_ctl SET applying = ?1 WHERE id = 1", [on as i64])?;
+    Ok(())
+}
+
+/// Quotes a schema identifier for SQL. Identifiers come only from a validated schema (letters,
+/// digits and `_`), so this never needs escaping; doubling quotes keeps it safe regardless.
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}

@@ -1,0 +1,6 @@
+//! The sync engines: batching and the send state machine are pure (no I/O); `apply` writes a
+//! batch result into the local database.
+
+pub mod apply;
+pub mod batcher;
+pub mod send;

@@ -1,0 +1,360 @@
+//! The send state machine (R2, R5). Pure: it never touches the network or the database; the
+//! driver (`Client::send`) performs its commands and feeds back what happened.
+//!
+//! One batch is in flight at a time. A transport failure re-uploads the *same* batch (same id,
+//! same content) after an exponential backoff, up to `max_attempts`; a refusal of the whole
+//! request stops the send with a typed error. The next batch is loaded only after the result of
+//! the previous one has been applied locally, so batches reach the server in order.
+
+use std::time::Duration;
+
+use ferry_protocol::{Batch, BatchResult, ErrorBody, ErrorCode, Outcome};
+
+use crate::error::Error;
+
+/// Retry settings of the send loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Upload attempts per batch before giving up (at least 1).
+    pub max_attempts: u32,
+    /// Backoff after the first failure; doubled after each further failure.
+    pub base_backoff: Duration,
+    /// Upper bound of the backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 6, base_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause after the `failures`-th consecutive failure (1-based): base·2^(failures-1), capped.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(31);
+        self.base_backoff.saturating_mul(1u32 << exp).min(self.max_backoff)
+    }
+}
+
+/// What the driver reports back to the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The next batch (the in-flight one if any, else a freshly cut one), or `None` if nothing is pending.
+    BatchLoaded(Option<Batch>),
+    /// The server answered the upload.
+    Answered(BatchResult),
+    /// The upload failed in a retryable way (connection, timeout, 5xx).
+    TransportFailed(String),
+    /// The server refused the request as a whole.
+    Refused(ErrorBody),
+    /// The pause asked by [`Command::Sleep`] is over.
+    Slept,
+    /// The result was applied to the local database.
+    ResultApplied,
+}
+
+/// What the machine asks the driver to do next.
+#[derive(Debug)]
+pub enum Command {
+    /// Load the in-flight batch, or cut and persist the next one.
+    LoadNextBatch,
+    /// Upload this batch.
+    Upload(Batch),
+    /// Wait, then report [`Input::Slept`].
+    Sleep(Duration),
+    /// Apply this result locally, then report [`Input::ResultApplied`].
+    ApplyResult(BatchResult),
+    /// Done: nothing left to send.
+    Finished(SendReport),
+    /// Stopped with an error; what was not sent stays in the log (an in-flight batch is re-sent
+    /// unchanged by the next `send`).
+    Failed(Error),
+}
+
+/// What one `send()` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendReport {
+    /// Batches uploaded and applied.
+    pub batches: u64,
+    /// Events the server applied.
+    pub events_applied: u64,
+    /// Events the server rejected (kept in the log with their reasons).
+    pub events_failed: u64,
+    /// Events a server hook left unapplied; they are pending again.
+    pub events_not_applied: u64,
+}
+
+/// Progress of a send, reported after each applied batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Events whose outcome is known.
+    pub events_sent: u64,
+    /// Events pending when the send started (estimate).
+    pub events_total: u64,
+    /// Batches uploaded and applied.
+    pub batches_sent: u64,
+    /// Batches expected when the send started (estimate).
+    pub batches_total: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    Idle,
+    Loading,
+    Uploading { batch: Batch, failures: u32 },
+    Sleeping { batch: Batch, failures: u32 },
+    Applying,
+    Done,
+}
+
+/// The send state machine. Start with [`SendMachine::start`], then feed every [`Input`] to
+/// [`SendMachine::step`] until it returns [`Command::Finished`] or [`Command::Failed`].
+#[derive(Debug)]
+pub struct SendMachine {
+    policy: RetryPolicy,
+    state: State,
+    report: SendReport,
+    progress: Progress,
+}
+
+impl SendMachine {
+    /// A machine with the given retry policy and progress estimates.
+    pub fn new(policy: RetryPolicy, events_total: u64, batches_total: u64) -> Self {
+        SendMachine {
+            policy,
+            state: State::Idle,
+            report: SendReport::default(),
+            progress: Progress { events_total, batches_total, ..Progress::default() },
+        }
+    }
+
+    /// The first command.
+    pub fn start(&mut self) -> Command {
+        self.state = State::Loading;
+        Command::LoadNextBatch
+    }
+
+    /// Current progress.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// The report so far.
+    pub fn report(&self) -> SendReport {
+        self.report
+    }
+
+    fn fail(&mut self, e: Error) -> Command {
+        self.state = State::Done;
+        Command::Failed(e)
+    }
+
+    /// Advances the machine with what happened.
+    pub fn step(&mut self, input: Input) -> Command {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        match (state, input) {
+            (State::Loading, Input::BatchLoaded(None)) => {
+                self.state = State::Done;
+                Command::Finished(self.report)
+            }
+            (State::Loading, Input::BatchLoaded(Some(batch))) => {
+                self.state = State::Uploading { batch: batch.clone(), failures: 0 };
+                Command::Upload(batch)
+            }
+            (State::Uploading { batch, .. }, Input::Answered(result)) => {
+                if result.batch_seq != batch.batch_seq {
+                    return self.fail(Error::ResultMismatch(format!(
+                        "sent batch {}, the answer is for batch {}",
+                        batch.batch_seq, result.batch_seq
+                    )));
+                }
+                if result.outcomes.len() != batch.events.len()
+                    || result.outcomes.iter().zip(&batch.events).any(|(o, e)| o.seq != e.seq)
+                {
+                    return self.fail(Error::ResultMismatch(format!(
+                        "batch {} has {} events, the answer has {} outcomes that do not match them",
+                        batch.batch_seq,
+                        batch.events.len(),
+                        result.outcomes.len()
+                    )));
+                }
+                for o in &result.outcomes {
+                    match o.outcome {
+                        Outcome::Applied => self.report.events_applied += 1,
+                        Outcome::Failed(_) => self.report.events_failed += 1,
+                        Outcome::NotApplied => self.report.events_not_applied += 1,
+                    }
+                }
+                self.progress.events_sent += result.outcomes.len() as u64;
+                self.state = State::Applying;
+                Command::ApplyResult(result)
+            }
+            (State::Uploading { batch, failures }, Input::TransportFailed(reason)) => {
+                self.retry_or_fail(batch, failures + 1, reason)
+            }
+            (State::Uploading { batch, failures }, Input::Refused(body)) => match body.code {
+                // Another request of this device is still being processed (e.g. the previous
+                // attempt of this very batch): wait and re-send the same batch.
+                ErrorCode::AlreadyRunning | ErrorCode::Unavailable | ErrorCode::Internal => {
+                    self.retry_or_fail(batch, failures + 1, body.to_string())
+                }
+                _ => self.fail(Error::Refused(body)),
+            },
+            (State::Sleeping { batch, failures }, Input::Slept) => {
+                self.state = State::Uploading { batch: batch.clone(), failures };
+                Command::Upload(batch)
+            }
+            (State::Applying, Input::ResultApplied) => {
+                self.report.batches += 1;
+                self.progress.batches_sent += 1;
+                self.progress.batches_total = self.progress.batches_total.max(self.progress.batches_sent);
+                self.progress.events_total = self.progress.events_total.max(self.progress.events_sent);
+                self.state = State::Loading;
+                Command::LoadNextBatch
+            }
+            (state, input) => self.fail(Error::InvalidState(format!("unexpected {input:?} in state {state:?}"))),
+        }
+    }
+
+    fn retry_or_fail(&mut self, batch: Batch, failures: u32, reason: String) -> Command {
+        if failures >= self.policy.max_attempts.max(1) {
+            return self.fail(Error::Unreachable { attempts: failures, last: reason });
+        }
+        tracing::debug!(batch_seq = batch.batch_seq, failures, %reason, "upload failed; retrying");
+        self.state = State::Sleeping { batch, failures };
+        Command::Sleep(self.policy.backoff(failures))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use ferry_protocol::{Event, EventOutcome, Key, Op, Row};
+
+    fn batch(seq: u64, events: &[u64]) -> Batch {
+        let events = events
+            .iter()
+            .map(|&s| Event {
+                seq: s,
+                tx: 1,
+                table: "t".into(),
+                op: Op::Insert,
+                key: Key::int(-(s as i64)),
+                values: Row::new(),
+                base_version: None,
+                changed: vec![],
+                previous: Row::new(),
+            })
+            .collect();
+        Batch::new("dev".into(), seq, "v".into(), events)
+    }
+
+    fn result(b: &Batch) -> BatchResult {
+        BatchResult {
+            batch_seq: b.batch_seq,
+            outcomes: b.events.iter().map(|e| EventOutcome { seq: e.seq, outcome: Outcome::Applied }).collect(),
+            remaps: vec![],
+            images: vec![],
+        }
+    }
+
+    fn machine(max_attempts: u32) -> SendMachine {
+        SendMachine::new(RetryPolicy { max_attempts, ..RetryPolicy::default() }, 3, 2)
+    }
+
+    #[test]
+    fn sends_batches_in_order_and_reports() {
+        let mut m = machine(6);
+        assert!(matches!(m.start(), Command::LoadNextBatch));
+        let b1 = batch(1, &[1, 2]);
+        let Command::Upload(up) = m.step(Input::BatchLoaded(Some(b1.clone()))) else { panic!() };
+        assert_eq!(up, b1);
+        let Command::ApplyResult(r) = m.step(Input::Answered(result(&b1))) else { panic!() };
+        assert_eq!(r.batch_seq, 1);
+        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
+        assert_eq!(m.progress(), Progress { events_sent: 2, events_total: 3, batches_sent: 1, batches_total: 2 });
+        let b2 = batch(2, &[3]);
+        assert!(matches!(m.step(Input::BatchLoaded(Some(b2.clone()))), Command::Upload(_)));
+        assert!(matches!(m.step(Input::Answered(result(&b2))), Command::ApplyResult(_)));
+        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
+        let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
+        assert_eq!(report, SendReport { batches: 2, events_applied: 3, events_failed: 0, events_not_applied: 0 });
+    }
+
+    #[test]
+    fn transport_failures_reupload_the_same_batch_with_backoff() {
+        let mut m = machine(6);
+        m.start();
+        let b = batch(7, &[10, 11]);
+        m.step(Input::BatchLoaded(Some(b.clone())));
+        let mut sleeps = Vec::new();
+        for _ in 0..3 {
+            let Command::Sleep(d) = m.step(Input::TransportFailed("reset".into())) else { panic!() };
+            sleeps.push(d);
+            let Command::Upload(again) = m.step(Input::Slept) else { panic!() };
+            assert_eq!(again, b, "a retry must re-send the same batch");
+        }
+        assert_eq!(sleeps, [100, 200, 400].map(Duration::from_millis));
+        assert!(matches!(m.step(Input::Answered(result(&b))), Command::ApplyResult(_)));
+    }
+
+    #[test]
+    fn gives_up_after_max_attempts() {
+        let mut m = machine(2);
+        m.start();
+        m.step(Input::BatchLoaded(Some(batch(1, &[1]))));
+        assert!(matches!(m.step(Input::TransportFailed("x".into())), Command::Sleep(_)));
+        m.step(Input::Slept);
+        let Command::Failed(Error::Unreachable { attempts, last }) = m.step(Input::TransportFailed("y".into())) else {
+            panic!()
+        };
+        assert_eq!((attempts, last.as_str()), (2, "y"));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.backoff(1), Duration::from_millis(100));
+        assert_eq!(p.backoff(6), Duration::from_millis(3200));
+        assert_eq!(p.backoff(7), Duration::from_secs(5));
+        assert_eq!(p.backoff(40), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn refusals_stop_with_a_typed_error() {
+        for code in [ErrorCode::SequenceGap, ErrorCode::DigestMismatch, ErrorCode::Unauthorized] {
+            let mut m = machine(6);
+            m.start();
+            m.step(Input::BatchLoaded(Some(batch(3, &[1]))));
+            let mut body = ErrorBody::new(code, "no");
+            body.expected_batch_seq = Some(2);
+            let Command::Failed(Error::Refused(b)) = m.step(Input::Refused(body.clone())) else { panic!() };
+            assert_eq!(b, body);
+        }
+        // already_running is transient: the same batch is retried.
+        let mut m = machine(6);
+        m.start();
+        m.step(Input::BatchLoaded(Some(batch(3, &[1]))));
+        assert!(matches!(m.step(Input::Refused(ErrorBody::new(ErrorCode::AlreadyRunning, "busy"))), Command::Sleep(_)));
+    }
+
+    #[test]
+    fn mismatched_results_are_refused() {
+        let mut m = machine(6);
+        m.start();
+        let b = batch(3, &[1, 2]);
+        m.step(Input::BatchLoaded(Some(b.clone())));
+        let mut r = result(&b);
+        r.outcomes.pop();
+        assert!(matches!(m.step(Input::Answered(r)), Command::Failed(Error::ResultMismatch(_))));
+        let mut m = machine(6);
+        m.start();
+        m.step(Input::BatchLoaded(Some(b.clone())));
+        let mut r = result(&b);
+        r.batch_seq = 4;
+        assert!(matches!(m.step(Input::Answered(r)), Command::Failed(Error::ResultMismatch(_))));
+    }
+}

@@ -1,0 +1,114 @@
+//! The HTTP driver (reqwest): fetches the schema and uploads batches.
+
+use std::time::Duration;
+
+use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, POSTCARD_MEDIA_TYPE};
+use ferry_protocol::{Batch, BatchResult, Encoding, ErrorBody, ErrorCode, Schema};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+
+use crate::error::{Error, Result};
+
+/// Default request timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an upload did not produce a result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UploadError {
+    /// The server answered with a typed error for the request as a whole (4xx).
+    #[error("refused: {0}")]
+    Refused(ErrorBody),
+    /// The request may not have reached the server, or the server failed (connection error,
+    /// timeout, 5xx, unreadable answer): retry the same batch.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// A connection to one Ferry server.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    http: reqwest::Client,
+    base_url: String,
+    token: Option<String>,
+}
+
+impl Transport {
+    /// A transport for `base_url` (e.g. `http://127.0.0.1:8080`), with an optional bearer token
+    /// and the default 30 s request timeout.
+    pub fn new(base_url: impl Into<String>, token: Option<String>) -> Result<Self> {
+        Self::with_timeout(base_url, token, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`Transport::new`] with a request timeout.
+    pub fn with_timeout(base_url: impl Into<String>, token: Option<String>, timeout: Duration) -> Result<Self> {
+        let http = reqwest::Client::builder().timeout(timeout).build().map_err(|e| Error::Transport(e.to_string()))?;
+        Ok(Transport { http, base_url: base_url.into().trim_end_matches('/').to_string(), token })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{path}", self.base_url)).header(ACCEPT, POSTCARD_MEDIA_TYPE);
+        if let Some(token) = &self.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        req
+    }
+
+    /// `GET /v1/schema`.
+    pub async fn fetch_schema(&self) -> Result<Schema> {
+        let resp = self.request(reqwest::Method::GET, "/v1/schema").send().await.map_err(transport)?;
+        let status = resp.status();
+        let encoding = response_encoding(&resp);
+        let body = resp.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            return Err(match error_body(status, &body) {
+                Some(b) if !status.is_server_error() => Error::Refused(b),
+                _ => Error::Transport(format!("HTTP {status}")),
+            });
+        }
+        let schema: Schema = encoding.decode(&body, DEFAULT_MAX_MESSAGE_BYTES)?;
+        // Recompute the version: never trust a digest we can check.
+        Schema::new(schema.tables).map_err(|e| Error::Transport(format!("server sent an invalid schema: {e}")))
+    }
+
+    /// `POST /v1/batches`: uploads a batch (postcard) and decodes the result.
+    pub async fn upload(&self, batch: &Batch) -> Result<BatchResult, UploadError> {
+        let body = Encoding::Postcard.encode(batch).map_err(|e| UploadError::Transport(e.to_string()))?;
+        let resp = self
+            .request(reqwest::Method::POST, "/v1/batches")
+            .header(CONTENT_TYPE, POSTCARD_MEDIA_TYPE)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| UploadError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let encoding = response_encoding(&resp);
+        let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        if status.is_success() {
+            return encoding
+                .decode::<BatchResult>(&bytes, DEFAULT_MAX_MESSAGE_BYTES)
+                .map_err(|e| UploadError::Transport(format!("unreadable batch result: {e}")));
+        }
+        if status.is_server_error() {
+            let detail = error_body(status, &bytes).map(|b| b.to_string()).unwrap_or_default();
+            return Err(UploadError::Transport(format!("HTTP {status} {detail}")));
+        }
+        Err(UploadError::Refused(error_body(status, &bytes).unwrap_or_else(|| {
+            ErrorBody::new(ErrorCode::BadRequest, format!("HTTP {status} without a readable error body"))
+        })))
+    }
+}
+
+fn transport(e: reqwest::Error) -> Error {
+    Error::Transport(e.to_string())
+}
+
+fn response_encoding(resp: &reqwest::Response) -> Encoding {
+    resp.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Encoding::from_content_type(v).ok())
+        .unwrap_or(Encoding::Postcard)
+}
+
+fn error_body(_status: reqwest::StatusCode, bytes: &[u8]) -> Option<ErrorBody> {
+    Encoding::Json.decode::<ErrorBody>(bytes, DEFAULT_MAX_MESSAGE_BYTES).ok()
+}
