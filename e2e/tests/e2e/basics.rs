@@ -1,7 +1,5 @@
-//! End-to-end checks: the real `ferry-server` binary and real clients over loopback HTTP.
-//! Every scenario runs on SQLite and on PostgreSQL.
+//! A server process starts, serves its schema and survives a restart.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use ferry_e2e::{Backend, ServerProcess, token};
 use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
