@@ -125,6 +125,20 @@ impl Auth {
     }
 }
 
+impl crate::store::feed::ClaimSource for User {
+    fn claim(&self, name: &str) -> Option<ferry_protocol::Value> {
+        use ferry_protocol::Value;
+        if name == "sub" {
+            return Some(Value::Text(self.id.clone()));
+        }
+        match self.claims.extra.get(name)? {
+            serde_json::Value::String(s) => Some(Value::Text(s.clone())),
+            serde_json::Value::Number(n) => n.as_i64().map(Value::Integer),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(unix)]
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

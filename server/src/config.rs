@@ -53,10 +53,21 @@ pub struct Limits {
     /// Most events accepted in one batch.
     #[arg(long, env = "FERRY_MAX_BATCH_EVENTS", default_value_t = 10_000)]
     pub max_batch_events: usize,
+    /// Largest page a device may ask for, in rows.
+    #[arg(long, env = "FERRY_MAX_PAGE_ROWS", default_value_t = 10_000)]
+    pub max_page_rows: usize,
+    /// Approximate byte budget of one page.
+    #[arg(long, env = "FERRY_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_page_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 16 * 1024 * 1024, max_batch_events: 10_000 }
+        Limits {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_batch_events: 10_000,
+            max_page_rows: 10_000,
+            max_page_bytes: 4 * 1024 * 1024,
+        }
     }
 }

@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod auth;
 pub mod config;
+pub mod feed;
 pub mod hooks;
 pub mod http;
 pub mod schema_file;

@@ -18,19 +18,26 @@ CREATE TABLE ferry_key_map (
     PRIMARY KEY (device_id, tbl, temporary)
 );
 
--- The change feed: the latest change of every synced row. `version` comes from a sequence at
--- write time; `xid` is the writing transaction, so readers can serve only what no in-progress
--- transaction can still precede (R11).
+-- The change feed: the latest change of every synced row. `version` (from a sequence at write
+-- time) identifies the change for conflict detection. `position` is the writing transaction's id:
+-- readers serve only positions below the oldest transaction still in progress
+-- (pg_snapshot_xmin), so a change that commits out of sequence order is never skipped (R11).
 CREATE SEQUENCE ferry_version_seq;
 CREATE TABLE ferry_rows (
-    tbl     TEXT NOT NULL,
-    pk      TEXT NOT NULL,
-    version BIGINT NOT NULL,
-    xid     xid8 NOT NULL,
-    deleted BOOLEAN NOT NULL DEFAULT false,
+    tbl      TEXT NOT NULL,
+    pk       TEXT COLLATE "C" NOT NULL,
+    version  BIGINT NOT NULL,
+    position BIGINT NOT NULL,
+    deleted  BOOLEAN NOT NULL DEFAULT false,
     PRIMARY KEY (tbl, pk)
 );
-CREATE INDEX ferry_rows_by_version ON ferry_rows (version);
+CREATE INDEX ferry_rows_by_position ON ferry_rows (tbl, position);
+
+CREATE TABLE ferry_feed (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    horizon BIGINT NOT NULL
+);
+INSERT INTO ferry_feed (id, horizon) VALUES (1, 0);
 
 CREATE TABLE ferry_apply_log (
     id        BIGSERIAL PRIMARY KEY,
@@ -57,19 +64,19 @@ BEGIN
     IF TG_OP <> 'DELETE' THEN
         SELECT jsonb_agg(to_jsonb(NEW) -> c ORDER BY o)::text INTO new_key
         FROM unnest(TG_ARGV) WITH ORDINALITY AS k(c, o);
-        INSERT INTO ferry_rows (tbl, pk, version, xid, deleted)
-        VALUES (TG_TABLE_NAME, new_key, nextval('ferry_version_seq'), pg_current_xact_id(), false)
+        INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
+        VALUES (TG_TABLE_NAME, new_key, nextval('ferry_version_seq'), pg_current_xact_id()::text::bigint, false)
         ON CONFLICT (tbl, pk) DO UPDATE
-            SET version = EXCLUDED.version, xid = EXCLUDED.xid, deleted = false;
+            SET version = EXCLUDED.version, position = EXCLUDED.position, deleted = false;
     END IF;
     IF TG_OP <> 'INSERT' THEN
         SELECT jsonb_agg(to_jsonb(OLD) -> c ORDER BY o)::text INTO old_key
         FROM unnest(TG_ARGV) WITH ORDINALITY AS k(c, o);
         IF TG_OP = 'DELETE' OR old_key IS DISTINCT FROM new_key THEN
-            INSERT INTO ferry_rows (tbl, pk, version, xid, deleted)
-            VALUES (TG_TABLE_NAME, old_key, nextval('ferry_version_seq'), pg_current_xact_id(), true)
+            INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
+            VALUES (TG_TABLE_NAME, old_key, nextval('ferry_version_seq'), pg_current_xact_id()::text::bigint, true)
             ON CONFLICT (tbl, pk) DO UPDATE
-                SET version = EXCLUDED.version, xid = EXCLUDED.xid, deleted = true;
+                SET version = EXCLUDED.version, position = EXCLUDED.position, deleted = true;
         END IF;
     END IF;
     RETURN NULL;

@@ -20,16 +20,26 @@ CREATE TABLE ferry_key_map (
     PRIMARY KEY (device_id, tbl, temporary)
 );
 
--- The change feed: the latest change of every synced row, with a monotonic version.
--- Deletes leave tombstones (deleted = 1). Maintained by triggers on the app tables.
+-- The change feed: the latest change of every synced row. `version` identifies the change (devices
+-- send it back for conflict detection); `position` orders the feed for readers (on SQLite, one
+-- writer at a time, it equals the version). Deletes leave tombstones (deleted = 1).
+-- Maintained by triggers on the app tables.
 CREATE TABLE ferry_rows (
-    tbl     TEXT NOT NULL,
-    pk      TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0,
+    tbl      TEXT NOT NULL,
+    pk       TEXT NOT NULL,
+    version  INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    deleted  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tbl, pk)
 );
-CREATE INDEX ferry_rows_by_version ON ferry_rows (version);
+CREATE INDEX ferry_rows_by_position ON ferry_rows (tbl, position);
+
+-- Tombstones below the horizon have been compacted away: older cursors must receive in full.
+CREATE TABLE ferry_feed (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    horizon INTEGER NOT NULL
+);
+INSERT INTO ferry_feed (id, horizon) VALUES (1, 0);
 
 -- The version counter (SQLite has one writer at a time, so commit order equals version order).
 CREATE TABLE ferry_counter (

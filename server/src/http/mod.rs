@@ -5,6 +5,7 @@ pub mod error;
 pub mod wire;
 
 mod batches;
+mod changes;
 mod health;
 mod schema;
 
@@ -44,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::routes())
         .merge(schema::routes())
         .merge(batches::routes())
+        .merge(changes::routes())
         // Bodies are limited (with a typed 413) by the `Wire` extractor instead.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(with_request_id))

@@ -5,6 +5,7 @@
 //! Identifiers in SQL come only from a validated [`Schema`]; values are always bound.
 
 pub mod apply_tx;
+pub mod feed;
 pub mod pg;
 pub mod sqlite;
 
@@ -125,6 +126,80 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.ping().await,
             Store::Postgres(p) => p.ping().await,
+        }
+    }
+}
+
+/// Change-feed reads, implemented by each backend (SQL text comes from [`feed::FeedSql`]).
+pub(crate) trait FeedBackend {
+    /// The exclusive upper position a reader may serve now: every change below it is committed
+    /// and no transaction still in progress can write below it.
+    fn feed_head(&self) -> impl std::future::Future<Output = Result<i64, StoreError>> + Send;
+    /// Positions below the horizon may have lost their tombstones to compaction.
+    fn feed_horizon(&self) -> impl std::future::Future<Output = Result<i64, StoreError>> + Send;
+    /// Runs a page query.
+    fn feed_page(
+        &self,
+        table: &ferry_protocol::Table,
+        sql: String,
+        params: Vec<feed::Param>,
+    ) -> impl std::future::Future<Output = Result<Vec<feed::FeedRow>, StoreError>> + Send;
+    /// Runs a count query.
+    fn feed_count(
+        &self,
+        sql: String,
+        params: Vec<feed::Param>,
+    ) -> impl std::future::Future<Output = Result<i64, StoreError>> + Send;
+}
+
+impl Store {
+    /// See [`FeedBackend::feed_head`].
+    pub async fn feed_head(&self) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.feed_head().await,
+            Store::Postgres(p) => p.feed_head().await,
+        }
+    }
+
+    /// See [`FeedBackend::feed_horizon`].
+    pub async fn feed_horizon(&self) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.feed_horizon().await,
+            Store::Postgres(p) => p.feed_horizon().await,
+        }
+    }
+
+    /// Up to `limit` candidate rows of `table` after key text `after`, for the user's scope.
+    pub async fn feed_page(
+        &self,
+        schema: &Schema,
+        claims: &dyn feed::ClaimSource,
+        table: &ferry_protocol::Table,
+        range: feed::FeedRange,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<feed::FeedRow>, StoreError> {
+        let mut sql = feed::FeedSql::new(self.backend(), schema, claims);
+        let text = sql.page(table, range, after, limit);
+        match self {
+            Store::Sqlite(s) => s.feed_page(table, text, sql.params).await,
+            Store::Postgres(p) => p.feed_page(table, text, sql.params).await,
+        }
+    }
+
+    /// How many candidate rows `table` has in the range for the user.
+    pub async fn feed_count(
+        &self,
+        schema: &Schema,
+        claims: &dyn feed::ClaimSource,
+        table: &ferry_protocol::Table,
+        range: feed::FeedRange,
+    ) -> Result<i64, StoreError> {
+        let mut sql = feed::FeedSql::new(self.backend(), schema, claims);
+        let text = sql.count(table, range);
+        match self {
+            Store::Sqlite(s) => s.feed_count(text, sql.params).await,
+            Store::Postgres(p) => p.feed_count(text, sql.params).await,
         }
     }
 }

@@ -75,6 +75,16 @@ impl PgStore {
                 args.join(", ")
             );
             sqlx::query(AssertSqlSafe(trigger)).execute(&mut *tx).await?;
+            // Rows written before the trigger existed join the feed at position 0.
+            let keys: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
+            let backfill = format!(
+                "INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
+                 SELECT '{}', jsonb_build_array({})::text, 0, 0, false FROM {} ON CONFLICT DO NOTHING",
+                table.name,
+                keys.join(", "),
+                quote(&table.name)
+            );
+            sqlx::query(AssertSqlSafe(backfill)).execute(&mut *tx).await?;
         }
         if !file.setup.postgres.trim().is_empty() {
             sqlx::raw_sql(AssertSqlSafe(file.setup.postgres.clone())).execute(&mut *tx).await?;
@@ -339,5 +349,59 @@ impl ApplyTx for PgApplyTx {
     async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the change feed
+
+use super::feed::{FeedRow, Param};
+
+fn bind_params<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, <Postgres as sqlx::Database>::Arguments>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, Postgres, <Postgres as sqlx::Database>::Arguments> {
+    for p in params {
+        q = match p {
+            Param::Int(i) => q.bind(i),
+            Param::Text(t) => q.bind(t),
+        };
+    }
+    q
+}
+
+impl super::FeedBackend for PgStore {
+    async fn feed_head(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn feed_horizon(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT horizon FROM ferry_feed WHERE id = 1").fetch_one(&self.pool).await?)
+    }
+
+    async fn feed_page(&self, table: &Table, sql: String, params: Vec<Param>) -> Result<Vec<FeedRow>, StoreError> {
+        let rows = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let in_scope = row.try_get::<bool, _>(2)?;
+            let values = if in_scope {
+                let mut values = Vec::with_capacity(table.columns.len());
+                for (i, col) in table.columns.iter().enumerate() {
+                    values.push(decode(&row, 3 + i, col)?);
+                }
+                Some(values)
+            } else {
+                None
+            };
+            out.push(FeedRow { pk: row.try_get(0)?, version: row.try_get::<i64, _>(1)? as u64, values });
+        }
+        Ok(out)
+    }
+
+    async fn feed_count(&self, sql: String, params: Vec<Param>) -> Result<i64, StoreError> {
+        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&self.pool).await?;
+        Ok(row.try_get(0)?)
     }
 }

@@ -70,6 +70,14 @@ impl SqliteStore {
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             }
             sqlx::raw_sql(AssertSqlSafe(capture_triggers(&table.name, &table.primary_key))).execute(&mut *tx).await?;
+            // Rows written before the triggers existed join the feed at position 0.
+            let backfill = format!(
+                "INSERT OR IGNORE INTO ferry_rows (tbl, pk, version, position, deleted) SELECT '{}', {}, 0, 0, 0 FROM {}",
+                table.name,
+                key_expr(&quote(&table.name), &table.primary_key),
+                quote(&table.name)
+            );
+            sqlx::query(AssertSqlSafe(backfill)).execute(&mut *tx).await?;
         }
         if !file.setup.sqlite.trim().is_empty() {
             sqlx::raw_sql(AssertSqlSafe(file.setup.sqlite.clone())).execute(&mut *tx).await?;
@@ -103,20 +111,20 @@ fn capture_triggers(table: &str, pk: &[String]) -> String {
         "DROP TRIGGER IF EXISTS {ins};
 CREATE TRIGGER {ins} AFTER INSERT ON {t} BEGIN
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, deleted) VALUES ('{table}', {new_key}, {version}, 0);
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted) VALUES ('{table}', {new_key}, {version}, {version}, 0);
 END;
 DROP TRIGGER IF EXISTS {upd};
 CREATE TRIGGER {upd} AFTER UPDATE ON {t} BEGIN
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, deleted)
-    SELECT '{table}', {old_key}, {version}, 1 WHERE {old_key} IS NOT {new_key};
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted)
+    SELECT '{table}', {old_key}, {version}, {version}, 1 WHERE {old_key} IS NOT {new_key};
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, deleted) VALUES ('{table}', {new_key}, {version}, 0);
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted) VALUES ('{table}', {new_key}, {version}, {version}, 0);
 END;
 DROP TRIGGER IF EXISTS {del};
 CREATE TRIGGER {del} AFTER DELETE ON {t} BEGIN
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, deleted) VALUES ('{table}', {old_key}, {version}, 1);
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted) VALUES ('{table}', {old_key}, {version}, {version}, 1);
 END;",
         ins = name("insert"),
         upd = name("update"),
@@ -357,5 +365,57 @@ impl ApplyTx for SqliteApplyTx {
     async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the change feed
+
+use super::feed::{FeedRow, Param};
+
+fn bind_params<'q>(
+    mut q: sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments> {
+    for p in params {
+        q = match p {
+            Param::Int(i) => q.bind(i),
+            Param::Text(t) => q.bind(t),
+        };
+    }
+    q
+}
+
+impl super::FeedBackend for SqliteStore {
+    async fn feed_head(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT version + 1 FROM ferry_counter WHERE id = 1").fetch_one(&self.pool).await?)
+    }
+
+    async fn feed_horizon(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT horizon FROM ferry_feed WHERE id = 1").fetch_one(&self.pool).await?)
+    }
+
+    async fn feed_page(&self, table: &Table, sql: String, params: Vec<Param>) -> Result<Vec<FeedRow>, StoreError> {
+        let rows = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let in_scope = row.try_get::<i64, _>(2)? != 0;
+            let values = if in_scope {
+                let mut values = Vec::with_capacity(table.columns.len());
+                for (i, col) in table.columns.iter().enumerate() {
+                    values.push(decode(&row, 3 + i, col)?);
+                }
+                Some(values)
+            } else {
+                None
+            };
+            out.push(FeedRow { pk: row.try_get(0)?, version: row.try_get::<i64, _>(1)? as u64, values });
+        }
+        Ok(out)
+    }
+
+    async fn feed_count(&self, sql: String, params: Vec<Param>) -> Result<i64, StoreError> {
+        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&self.pool).await?;
+        Ok(row.try_get(0)?)
     }
 }

@@ -1,0 +1,266 @@
+//! Receive: turning the change feed into pages for one user's device (R8–R11).
+//!
+//! A receive walks the received tables in schema order (parents first), one keyset-paginated
+//! table at a time, over a fixed position range `[from, to)` chosen when the receive starts:
+//!
+//! - **incremental** (the device has a cursor `d.<at>`): `from = at`, `to` = the feed head now;
+//! - **full** (no cursor, or a cursor older than the compaction horizon): first a *snapshot* of
+//!   every current row in scope, then a *catch-up* over the changes made while it was paged.
+//!
+//! The in-progress cursor (`p.<phase>.<from>.<to>.<table>.<after>`) carries everything, so any
+//! server process can serve the next page and an interrupted receive resumes where it stopped.
+//! The last page's `next` is the completed cursor `d.<to>` the device stores.
+
+use ferry_protocol::{ChangePage, Cursor, ErrorCode, Estimate, Key, Removal, Schema, Table, TableRows, Value};
+
+use crate::store::feed::{ClaimSource, FeedRange};
+use crate::store::{Store, StoreError};
+
+/// Why a page could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The cursor is malformed or expired; the code says which.
+    #[error("{1}")]
+    Cursor(ErrorCode, String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Full receive, first part: every current row in scope.
+    Snapshot,
+    /// Full receive, second part: changes made while the snapshot was paged.
+    CatchUp,
+    /// Changes since the device's cursor.
+    Incremental,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Progress {
+    phase: Phase,
+    from: i64,
+    to: i64,
+    table: usize,
+    after: String,
+}
+
+impl Progress {
+    fn encode(&self) -> Cursor {
+        let phase = match self.phase {
+            Phase::Snapshot => "s",
+            Phase::CatchUp => "c",
+            Phase::Incremental => "i",
+        };
+        Cursor(format!("p.{phase}.{}.{}.{}.{}", self.from, self.to, self.table, hex::encode(&self.after)))
+    }
+
+    fn range(&self) -> FeedRange {
+        FeedRange { from: self.from, to: self.to, full: self.phase == Phase::Snapshot }
+    }
+}
+
+enum Parsed {
+    Start,
+    Done(i64),
+    InProgress(Progress),
+}
+
+fn malformed() -> FeedError {
+    FeedError::Cursor(ErrorCode::BadRequest, "the cursor is malformed; send back a cursor this server gave".into())
+}
+
+fn parse(cursor: &str) -> Result<Parsed, FeedError> {
+    if cursor.is_empty() {
+        return Ok(Parsed::Start);
+    }
+    let parts: Vec<&str> = cursor.split('.').collect();
+    let int = |s: &str| s.parse::<i64>().map_err(|_| malformed());
+    match parts.as_slice() {
+        ["d", at] => Ok(Parsed::Done(int(at)?)),
+        ["p", phase, from, to, table, after] => {
+            let phase = match *phase {
+                "s" => Phase::Snapshot,
+                "c" => Phase::CatchUp,
+                "i" => Phase::Incremental,
+                _ => return Err(malformed()),
+            };
+            let after = String::from_utf8(hex::decode(after).map_err(|_| malformed())?).map_err(|_| malformed())?;
+            let table = table.parse::<usize>().map_err(|_| malformed())?;
+            Ok(Parsed::InProgress(Progress { phase, from: int(from)?, to: int(to)?, table, after }))
+        }
+        _ => Err(malformed()),
+    }
+}
+
+/// Where a receive starting from `cursor` begins (or continues).
+async fn begin(store: &Store, cursor: &str) -> Result<Progress, FeedError> {
+    Ok(match parse(cursor)? {
+        Parsed::Start => {
+            Progress { phase: Phase::Snapshot, from: 0, to: store.feed_head().await?, table: 0, after: String::new() }
+        }
+        Parsed::Done(at) => {
+            if at < store.feed_horizon().await? {
+                return Err(FeedError::Cursor(
+                    ErrorCode::CursorExpired,
+                    "the cursor is older than the compacted change feed; receive in full (empty cursor)".into(),
+                ));
+            }
+            Progress {
+                phase: Phase::Incremental,
+                from: at,
+                to: store.feed_head().await?.max(at),
+                table: 0,
+                after: String::new(),
+            }
+        }
+        Parsed::InProgress(p) => p,
+    })
+}
+
+fn received_tables(schema: &Schema) -> Vec<&Table> {
+    schema.tables.iter().filter(|t| t.is_received()).collect()
+}
+
+/// Rough encoded size of a value, for page byte budgets and estimates.
+fn value_size(v: &Value) -> usize {
+    match v {
+        Value::Null => 1,
+        Value::Integer(_) | Value::Real(_) => 9,
+        Value::Text(t) => t.len() + 2,
+        Value::Bytes(b) => b.len() + 2,
+        Value::Blob(b) => b.sha256.len() + b.media_type.len() + 12,
+    }
+}
+
+/// Parses a feed key text (a JSON array) into a key typed like the table's key columns.
+fn parse_key(table: &Table, pk: &str) -> Option<Key> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(pk).ok()?;
+    let values = items
+        .into_iter()
+        .map(|item| match item {
+            serde_json::Value::Number(n) => n.as_i64().map(Value::Integer),
+            serde_json::Value::String(s) => Some(Value::Text(s)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    (values.len() == table.primary_key.len()).then_some(Key(values))
+}
+
+/// Serves one page of at most `max_rows` rows (and about `max_bytes` bytes).
+pub async fn page(
+    store: &Store,
+    schema: &Schema,
+    claims: &dyn ClaimSource,
+    cursor: &str,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<ChangePage, FeedError> {
+    let mut progress = begin(store, cursor).await?;
+    let full = progress.phase != Phase::Incremental;
+    let tables = received_tables(schema);
+    let mut upserts: Vec<TableRows> = Vec::new();
+    let mut removals = Vec::new();
+    let (mut rows_left, mut bytes) = (max_rows.max(1), 0usize);
+    loop {
+        if progress.table >= tables.len() {
+            if progress.phase == Phase::Snapshot {
+                // The snapshot is complete; catch up with what changed while it was paged.
+                let head = store.feed_head().await?;
+                progress =
+                    Progress { phase: Phase::CatchUp, from: progress.to, to: head, table: 0, after: String::new() };
+                continue;
+            }
+            let next = Cursor(format!("d.{}", progress.to));
+            return Ok(ChangePage { full, upserts, removals, next, last: true });
+        }
+        if rows_left == 0 || bytes >= max_bytes {
+            return Ok(ChangePage { full, upserts, removals, next: progress.encode(), last: false });
+        }
+        let table = tables[progress.table];
+        let rows = if progress.phase != Phase::Snapshot && progress.from >= progress.to {
+            Vec::new() // nothing changed
+        } else {
+            store.feed_page(schema, claims, table, progress.range(), &progress.after, rows_left as i64).await?
+        };
+        let fetched = rows.len();
+        let mut group = TableRows {
+            table: table.name.clone(),
+            columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+            versions: Vec::new(),
+            rows: Vec::new(),
+        };
+        for row in rows {
+            progress.after.clone_from(&row.pk);
+            match row.values {
+                Some(values) => {
+                    bytes += values.iter().map(value_size).sum::<usize>() + 8;
+                    group.versions.push(row.version);
+                    group.rows.push(values);
+                }
+                // Deleted, or out of the user's scope: the device removes it (key only). A
+                // snapshot has no removals — the device drops whatever the snapshot omits.
+                None if progress.phase != Phase::Snapshot => {
+                    if let Some(key) = parse_key(table, &row.pk) {
+                        bytes += row.pk.len() + 8;
+                        removals.push(Removal { table: table.name.clone(), key });
+                    }
+                }
+                None => {}
+            }
+        }
+        if !group.rows.is_empty() {
+            upserts.push(group);
+        }
+        rows_left -= fetched.min(rows_left);
+        if fetched == 0 || rows_left > 0 {
+            // This table is exhausted (the query returned fewer rows than asked for).
+            progress.table += 1;
+            progress.after.clear();
+        }
+    }
+}
+
+/// How much a receive from `cursor` would bring (R10). Bytes are approximate.
+pub async fn estimate(
+    store: &Store,
+    schema: &Schema,
+    claims: &dyn ClaimSource,
+    cursor: &str,
+) -> Result<Estimate, FeedError> {
+    let progress = begin(store, cursor).await?;
+    let full = progress.phase != Phase::Incremental;
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    for (i, table) in received_tables(schema).into_iter().enumerate() {
+        if i < progress.table {
+            continue;
+        }
+        if progress.phase != Phase::Snapshot && progress.from >= progress.to {
+            break;
+        }
+        let n = store.feed_count(schema, claims, table, progress.range()).await?.max(0) as u64;
+        let width: u64 =
+            table.columns.iter().map(|c| if c.ty == ferry_protocol::ColumnType::Integer { 9 } else { 24 }).sum();
+        rows += n;
+        bytes += n * (width + 8);
+    }
+    Ok(Estimate { rows, bytes, full })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let p = Progress { phase: Phase::CatchUp, from: 3, to: 99, table: 2, after: "[5,\"a.b\"]".into() };
+        let Ok(Parsed::InProgress(back)) = parse(&p.encode().0) else { panic!("parse") };
+        assert_eq!(back, p);
+        assert!(matches!(parse("d.42"), Ok(Parsed::Done(42))));
+        assert!(matches!(parse(""), Ok(Parsed::Start)));
+        for bad in ["x", "d.", "d.x", "p.q.1.2.3.00", "p.s.1.2.3.zz", "p.s.1.2", "d.1.2"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Change-feed SQL: which rows of a table a user's device must receive for a position range,
+//! and whether each is in the user's scope. Built once for both dialects; executed by each
+//! backend (`sqlite.rs`, `pg.rs`), which also decodes the rows.
+//!
+//! A receive reads, table by table (parents first), the *candidates* of a table:
+//! - full receive: every current row;
+//! - incremental receive over positions `[from, to)`: the rows whose feed entry lies in the range
+//!   (tombstones included), plus — for tables scoped through a parent — the rows whose parent (or
+//!   grand-parent…) changed in the range, because a parent moving in or out of scope moves them.
+//!
+//! Each candidate comes back with its current values (or none, if deleted) and an `in_scope`
+//! flag; rows out of scope or deleted become removals (keys only, never values).
+
+use ferry_protocol::{ColumnType, Schema, Scope, Table, Value};
+
+use super::{Backend, quote};
+
+/// A bound parameter.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// An integer.
+    Int(i64),
+    /// A text.
+    Text(String),
+}
+
+/// The user's claims, as scopes read them.
+pub trait ClaimSource: Sync {
+    /// The claim named `name` (`sub` is the user id), if the token carries it.
+    fn claim(&self, name: &str) -> Option<Value>;
+}
+
+/// The range of a receive.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedRange {
+    /// Inclusive lower position (ignored for a full receive).
+    pub from: i64,
+    /// Exclusive upper position.
+    pub to: i64,
+    /// Full receive: every current row is a candidate.
+    pub full: bool,
+}
+
+/// Builds feed SQL for one dialect, collecting the parameters in placeholder order.
+pub struct FeedSql<'a> {
+    backend: Backend,
+    schema: &'a Schema,
+    claims: &'a dyn ClaimSource,
+    /// Parameters, bound as `?1…` (SQLite) or `$1…` (PostgreSQL).
+    pub params: Vec<Param>,
+}
+
+impl<'a> FeedSql<'a> {
+    /// A builder.
+    pub fn new(backend: Backend, schema: &'a Schema, claims: &'a dyn ClaimSource) -> Self {
+        FeedSql { backend, schema, claims, params: Vec::new() }
+    }
+
+    fn param(&mut self, p: Param) -> String {
+        self.params.push(p);
+        match self.backend {
+            Backend::Sqlite => format!("?{}", self.params.len()),
+            Backend::Postgres => format!("${}", self.params.len()),
+        }
+    }
+
+    /// The key of alias `a` as the feed's key text (a JSON array).
+    fn key_text(&self, alias: &str, table: &Table) -> String {
+        let cols: Vec<_> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
+        match self.backend {
+            Backend::Sqlite => format!("json_array({})", cols.join(", ")),
+            Backend::Postgres => format!("(jsonb_build_array({})::text COLLATE \"C\")", cols.join(", ")),
+        }
+    }
+
+    /// Element `i` of a key text, typed like the key column.
+    fn key_part(&self, key_text: &str, i: usize, ty: ColumnType) -> String {
+        match (self.backend, ty) {
+            (Backend::Sqlite, _) => format!("json_extract({key_text}, '$[{i}]')"),
+            (Backend::Postgres, ColumnType::Integer) => format!("(({key_text})::jsonb->>{i})::bigint"),
+            (Backend::Postgres, _) => format!("(({key_text})::jsonb->>{i})"),
+        }
+    }
+
+    fn false_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "0",
+            Backend::Postgres => "false",
+        }
+    }
+
+    /// Whether the row at alias `a` of `table` is in the user's scope (NULL when `a` is missing).
+    pub fn in_scope(&mut self, table: &Table, alias: &str) -> String {
+        let first_key = format!("{alias}.{}", quote(&table.primary_key[0]));
+        match &table.scope {
+            Scope::Everyone => format!("({first_key} IS NOT NULL)"),
+            Scope::None => self.false_sql().to_string(),
+            Scope::Claim { column, claim } => {
+                let ty = table.column(column).map(|c| c.ty).unwrap_or(ColumnType::Text);
+                let value = match (self.claims.claim(claim), ty) {
+                    (Some(Value::Text(t)), ColumnType::Integer) => t.parse().ok().map(Param::Int),
+                    (Some(Value::Integer(i)), ColumnType::Integer) => Some(Param::Int(i)),
+                    (Some(Value::Text(t)), _) => Some(Param::Text(t)),
+                    (Some(Value::Integer(i)), _) => Some(Param::Text(i.to_string())),
+                    _ => None,
+                };
+                match value {
+                    Some(v) => {
+                        let p = self.param(v);
+                        format!("({alias}.{} = {p})", quote(column))
+                    }
+                    None => self.false_sql().to_string(),
+                }
+            }
+            Scope::Parent { column } => {
+                let Some(parent) = table.foreign_key(column).and_then(|fk| self.schema.table(&fk.references)) else {
+                    return self.false_sql().to_string();
+                };
+                let palias = format!("{alias}p");
+                let inner = self.in_scope(parent, &palias);
+                format!(
+                    "({alias}.{} IN (SELECT {palias}.{} FROM {} {palias} WHERE {inner}))",
+                    quote(column),
+                    quote(&parent.primary_key[0]),
+                    quote(&parent.name)
+                )
+            }
+        }
+    }
+
+    /// Values of `table`'s (single) key for rows that changed in the range or whose parent chain did.
+    fn affected_keys(&mut self, table: &Table, range: FeedRange, depth: usize) -> String {
+        let ty = table.column(&table.primary_key[0]).map(|c| c.ty).unwrap_or(ColumnType::Integer);
+        let from = self.param(Param::Int(range.from));
+        let to = self.param(Param::Int(range.to));
+        let mut sql = format!(
+            "SELECT {} FROM ferry_rows WHERE tbl = '{}' AND position >= {from} AND position < {to}",
+            self.key_part("pk", 0, ty),
+            table.name
+        );
+        if let Some((column, parent)) = self.parent_of(table) {
+            let alias = format!("a{depth}");
+            let inner = self.affected_keys(parent, range, depth + 1);
+            sql.push_str(&format!(
+                " UNION SELECT {alias}.{} FROM {} {alias} WHERE {alias}.{} IN ({inner})",
+                quote(&table.primary_key[0]),
+                quote(&table.name),
+                quote(&column)
+            ));
+        }
+        sql
+    }
+
+    fn parent_of(&self, table: &Table) -> Option<(String, &'a Table)> {
+        let Scope::Parent { column } = &table.scope else { return None };
+        let parent = table.foreign_key(column).and_then(|fk| self.schema.table(&fk.references))?;
+        Some((column.clone(), parent))
+    }
+
+    /// Key texts of the candidates of `table` for the range.
+    fn candidates(&mut self, table: &Table, range: FeedRange) -> String {
+        if range.full {
+            // A snapshot: every current row in scope (rows out of scope are not candidates).
+            let scope = self.in_scope(table, "f");
+            return format!("SELECT {} AS pk FROM {} f WHERE {scope}", self.key_text("f", table), quote(&table.name));
+        }
+        let from = self.param(Param::Int(range.from));
+        let to = self.param(Param::Int(range.to));
+        let pk = match self.backend {
+            Backend::Sqlite => "pk",
+            Backend::Postgres => "pk COLLATE \"C\"",
+        };
+        let mut sql = format!(
+            "SELECT {pk} AS pk FROM ferry_rows WHERE tbl = '{}' AND position >= {from} AND position < {to}",
+            table.name
+        );
+        if let Some((column, parent)) = self.parent_of(table) {
+            let inner = self.affected_keys(parent, range, 0);
+            sql.push_str(&format!(
+                " UNION SELECT {} AS pk FROM {} c WHERE c.{} IN ({inner})",
+                self.key_text("c", table),
+                quote(&table.name),
+                quote(&column)
+            ));
+        }
+        sql
+    }
+
+    /// One page of candidates after key text `after`: columns are `pk`, `version`, `in_scope`,
+    /// then the table's columns in schema order (NULL when the row is gone).
+    pub fn page(&mut self, table: &Table, range: FeedRange, after: &str, limit: i64) -> String {
+        let cand = self.candidates(table, range);
+        let scope = self.in_scope(table, "t");
+        let joins: Vec<_> = table
+            .primary_key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let ty = table.column(c).map(|c| c.ty).unwrap_or(ColumnType::Integer);
+                format!("t.{} = {}", quote(c), self.key_part("c.pk", i, ty))
+            })
+            .collect();
+        let columns: Vec<_> = table.columns.iter().map(|c| format!("t.{}", quote(&c.name))).collect();
+        let after = self.param(Param::Text(after.to_string()));
+        let limit = self.param(Param::Int(limit));
+        let (order, cmp) = match self.backend {
+            Backend::Sqlite => ("c.pk", format!("c.pk > {after}")),
+            Backend::Postgres => ("c.pk COLLATE \"C\"", format!("c.pk COLLATE \"C\" > {after}")),
+        };
+        format!(
+            "WITH c AS ({cand})
+             SELECT c.pk, COALESCE(fr.version, 0), COALESCE({scope}, {f}), {cols}
+             FROM c
+             LEFT JOIN {t} t ON {joins}
+             LEFT JOIN ferry_rows fr ON fr.tbl = '{name}' AND fr.pk = c.pk
+             WHERE {cmp}
+             ORDER BY {order}
+             LIMIT {limit}",
+            f = self.false_sql(),
+            cols = columns.join(", "),
+            t = quote(&table.name),
+            joins = joins.join(" AND "),
+            name = table.name,
+        )
+    }
+
+    /// How many candidates the table has in the range.
+    pub fn count(&mut self, table: &Table, range: FeedRange) -> String {
+        let cand = self.candidates(table, range);
+        format!("SELECT count(*) FROM ({cand}) c")
+    }
+}
+
+/// One candidate row of a page.
+#[derive(Debug, Clone)]
+pub struct FeedRow {
+    /// The key as feed key text (JSON array).
+    pub pk: String,
+    /// The row's version (0 when unknown).
+    pub version: u64,
+    /// The row's values in schema column order, or `None` when it is deleted or out of scope.
+    pub values: Option<Vec<Value>>,
+}

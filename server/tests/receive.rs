@@ -1,0 +1,260 @@
+//! Receive endpoints through the router on SQLite and PostgreSQL: scopes, incremental cost,
+//! writes from outside Ferry, paging, write-only tables, cursor errors, out-of-order commits.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use ferry_protocol::*;
+use ferry_server::backend_tests;
+use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::http::AppState;
+use ferry_server::testing::Backend;
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+struct Harness {
+    state: AppState,
+    app: axum::Router,
+    database: String,
+}
+
+async fn harness(backend: Backend) -> Option<Harness> {
+    let database = backend.database().await?;
+    let storage = StorageArgs { database: database.clone(), schema: None };
+    let auth = AuthArgs { jwt_secret: Some(SECRET.into()), jwt_secret_file: "unused".into() };
+    let state = ferry_server::prepare(&storage, Limits::default(), &auth).await.unwrap();
+    let app = ferry_server::http::router(state.clone());
+    let h = Harness { state, app, database };
+    h.sql("INSERT INTO product (id, name, price, stock) VALUES (1, 'pen', 1.5, 10), (2, 'ink', 4.0, 3)").await;
+    h.sql("INSERT INTO customer (id, name) VALUES (1, 'Ada'), (2, 'Bob')").await;
+    h.sql("INSERT INTO invoice (id, customer_id, salesperson_id) VALUES (10, 1, 'alice'), (11, 2, 'alice'), (20, 2, 'bob')").await;
+    h.sql("INSERT INTO invoice_line (id, invoice_id, product_id, qty, price) VALUES (100, 10, 1, 1, 1.5), (101, 11, 1, 1, 1.5), (200, 20, 2, 1, 4.0)").await;
+    h.sql("INSERT INTO location_ping (salesperson_id, lat, lon, recorded_at) VALUES ('alice', 1.0, 2.0, 'now')").await;
+    Some(h)
+}
+
+/// A device's copy of the synced tables: (table, key) → values.
+type Copy = BTreeMap<(String, String), Vec<Value>>;
+
+impl Harness {
+    async fn sql(&self, sql: &str) {
+        self.state.store.execute_admin_sql(sql).await.unwrap();
+    }
+
+    async fn get(&self, user: &str, path: &str) -> (StatusCode, Vec<u8>) {
+        let token = self.state.auth.issue(user, Duration::from_secs(600)).unwrap();
+        let req = Request::get(path)
+            .header("accept", "application/x-ferry+postcard")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let res = self.app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        (status, res.into_body().collect().await.unwrap().to_bytes().to_vec())
+    }
+
+    async fn page(&self, user: &str, cursor: &Cursor, limit: usize) -> ChangePage {
+        let path = format!("/v1/changes?cursor={}&limit={limit}", urlencode(&cursor.0));
+        let (status, body) = self.get(user, &path).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        Encoding::Postcard.decode(&body, 1 << 26).unwrap()
+    }
+
+    /// Receives until the last page, applying to `copy` like a device; returns the pages.
+    async fn receive(&self, user: &str, copy: &mut Copy, cursor: &mut Cursor, limit: usize) -> Vec<ChangePage> {
+        let mut pages = Vec::new();
+        let mut next = cursor.clone();
+        for _ in 0..10_000 {
+            let page = self.page(user, &next, limit).await;
+            next = page.next.clone();
+            let last = page.last;
+            pages.push(page);
+            if last {
+                break;
+            }
+        }
+        assert!(pages.last().unwrap().last, "receive did not finish");
+        if pages[0].full {
+            copy.clear();
+        }
+        for page in &pages {
+            for group in &page.upserts {
+                let table = self.state.schema.schema.table(&group.table).unwrap();
+                for row in &group.rows {
+                    let key: Vec<String> = table
+                        .primary_key
+                        .iter()
+                        .map(|k| row[table.columns.iter().position(|c| &c.name == k).unwrap()].to_string())
+                        .collect();
+                    copy.insert((group.table.clone(), key.join(",")), row.clone());
+                }
+            }
+            for r in &page.removals {
+                let key: Vec<String> = r.key.0.iter().map(|v| v.to_string()).collect();
+                copy.remove(&(r.table.clone(), key.join(",")));
+            }
+        }
+        *cursor = next;
+        pages
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn keys(copy: &Copy, table: &str) -> Vec<String> {
+    copy.keys().filter(|(t, _)| t == table).map(|(_, k)| k.clone()).collect()
+}
+
+fn rows_in(pages: &[ChangePage]) -> usize {
+    pages.iter().map(|p| p.upserts.iter().map(|g| g.rows.len()).sum::<usize>() + p.removals.len()).sum()
+}
+
+backend_tests! {
+    async fn each_salesperson_receives_their_rows_and_everyones_tables(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let (mut alice, mut bob) = (Copy::new(), Copy::new());
+        let (mut ca, mut cb) = (Cursor::start(), Cursor::start());
+        let pages = h.receive("alice", &mut alice, &mut ca, 1000).await;
+        assert!(pages.iter().all(|p| p.full));
+        h.receive("bob", &mut bob, &mut cb, 1000).await;
+        assert_eq!(keys(&alice, "invoice"), ["10", "11"]);
+        assert_eq!(keys(&alice, "invoice_line"), ["100", "101"]);
+        assert_eq!(keys(&bob, "invoice"), ["20"]);
+        assert_eq!(keys(&bob, "invoice_line"), ["200"]);
+        for copy in [&alice, &bob] {
+            assert_eq!(keys(copy, "product"), ["1", "2"]);
+            assert_eq!(keys(copy, "customer"), ["1", "2"]);
+            assert!(keys(copy, "location_ping").is_empty(), "write-only tables are never received");
+        }
+        // An invoice reassigned from alice to bob leaves alice's device with its lines, and
+        // reaches bob's with them.
+        h.sql("UPDATE invoice SET salesperson_id = 'bob' WHERE id = 11").await;
+        h.receive("alice", &mut alice, &mut ca, 1000).await;
+        h.receive("bob", &mut bob, &mut cb, 1000).await;
+        assert_eq!(keys(&alice, "invoice"), ["10"]);
+        assert_eq!(keys(&alice, "invoice_line"), ["100"]);
+        assert_eq!(keys(&bob, "invoice"), ["11", "20"]);
+        assert_eq!(keys(&bob, "invoice_line"), ["101", "200"]);
+        // A child never arrives without its parent.
+        for copy in [&alice, &bob] {
+            for (_, line) in copy.iter().filter(|((t, _), _)| t == "invoice_line") {
+                assert!(copy.contains_key(&("invoice".into(), line[1].to_string())));
+            }
+        }
+    }
+
+    async fn incremental_receive_costs_the_changes_not_the_table(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let many: Vec<String> = (1000..3000).map(|i| format!("({i}, 'c{i}')")).collect();
+        h.sql(&format!("INSERT INTO customer (id, name) VALUES {}", many.join(", "))).await;
+        let (mut copy, mut cursor) = (Copy::new(), Cursor::start());
+        let full = h.receive("alice", &mut copy, &mut cursor, 500).await;
+        assert!(full.len() > 4, "paged: {} pages", full.len());
+        assert_eq!(keys(&copy, "customer").len(), 2002);
+        // Nothing changed: an empty last page.
+        let idle = h.receive("alice", &mut copy, &mut cursor, 500).await;
+        assert_eq!((idle.len(), rows_in(&idle)), (1, 0));
+        // Ten changes, including a delete and a write made by plain SQL from outside Ferry.
+        h.sql("UPDATE customer SET city = 'Oslo' WHERE id BETWEEN 1000 AND 1007").await;
+        h.sql("DELETE FROM customer WHERE id = 2999").await;
+        h.sql("INSERT INTO customer (id, name) VALUES (5000, 'outsider')").await;
+        let inc = h.receive("alice", &mut copy, &mut cursor, 500).await;
+        assert!(!inc[0].full);
+        assert_eq!(rows_in(&inc), 10, "an incremental receive transfers the changed rows only");
+        assert_eq!(copy[&("customer".into(), "1003".into())][2], Value::Text("Oslo".into()));
+        assert!(copy.contains_key(&("customer".into(), "5000".into())));
+        assert!(!copy.contains_key(&("customer".into(), "2999".into())));
+        let (status, body) = h.get("alice", "/v1/changes/estimate?cursor=").await;
+        assert_eq!(status, StatusCode::OK);
+        let estimate: Estimate = Encoding::Postcard.decode(&body, 1 << 20).unwrap();
+        assert!(estimate.full && estimate.rows >= 2000 && estimate.bytes > estimate.rows, "{estimate:?}");
+        let (_, body) = h.get("alice", &format!("/v1/changes/estimate?cursor={}", urlencode(&cursor.0))).await;
+        let estimate: Estimate = Encoding::Postcard.decode(&body, 1 << 20).unwrap();
+        assert_eq!((estimate.rows, estimate.full), (0, false));
+    }
+
+    async fn an_interrupted_receive_resumes_from_its_last_page(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let many: Vec<String> = (1000..1100).map(|i| format!("({i}, 'c{i}')")).collect();
+        h.sql(&format!("INSERT INTO customer (id, name) VALUES {}", many.join(", "))).await;
+        let mut uninterrupted = Copy::new();
+        h.receive("alice", &mut uninterrupted, &mut Cursor::start(), 10).await;
+        // Take three pages, "lose the connection", and continue from the third page's cursor.
+        let mut cursor = Cursor::start();
+        let mut first: Vec<ChangePage> = Vec::new();
+        for _ in 0..3 {
+            let page = h.page("alice", &cursor, 10).await;
+            cursor = page.next.clone();
+            first.push(page);
+        }
+        let mut rest = Copy::new();
+        let mut resumed = cursor.clone();
+        let later = h.receive("alice", &mut rest, &mut resumed, 10).await;
+        let seen: usize = rows_in(&first) + rows_in(&later);
+        assert_eq!(seen, uninterrupted.len(), "no page fetched twice, none skipped");
+    }
+
+    async fn bad_cursors_and_limits_get_typed_errors(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let (status, body) = h.get("alice", "/v1/changes?cursor=garbage").await;
+        let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
+        assert_eq!((status, err.code), (StatusCode::BAD_REQUEST, ErrorCode::BadRequest));
+        let (status, body) = h.get("alice", "/v1/changes?limit=1000000").await;
+        let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
+        assert_eq!((status, err.code, err.limit), (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, Some(10_000)));
+        let (status, _) = h.get("alice", "/v1/changes?limit=abc").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let mut cursor = Cursor::start();
+        h.receive("alice", &mut Copy::new(), &mut cursor, 1000).await;
+        // Compaction moved the horizon past the device's cursor: it must receive in full.
+        h.sql("UPDATE ferry_feed SET horizon = 9223372036854775000").await;
+        let (status, body) = h.get("alice", &format!("/v1/changes?cursor={}", urlencode(&cursor.0))).await;
+        let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
+        assert_eq!((status, err.code), (StatusCode::GONE, ErrorCode::CursorExpired));
+        let token = "Bearer nope";
+        let req = Request::get("/v1/changes").header("authorization", token).body(Body::empty()).unwrap();
+        assert_eq!(h.app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+
+    async fn a_change_committed_out_of_sequence_order_is_never_skipped(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let mut copy = Copy::new();
+        let mut cursor = Cursor::start();
+        h.receive("alice", &mut copy, &mut cursor, 1000).await;
+        if backend == Backend::Postgres {
+            use sqlx::Connection as _;
+            // T1 writes first (lower version and transaction id) but commits last.
+            let mut t1 = sqlx::PgConnection::connect(&h.database).await.unwrap();
+            let mut t2 = sqlx::PgConnection::connect(&h.database).await.unwrap();
+            sqlx::raw_sql("BEGIN; INSERT INTO customer (id, name) VALUES (7001, 'slow')").execute(&mut t1).await.unwrap();
+            sqlx::raw_sql("BEGIN; INSERT INTO customer (id, name) VALUES (7002, 'fast'); COMMIT").execute(&mut t2).await.unwrap();
+            // A receive while T1 is still open must not move the cursor past T1's changes.
+            h.receive("alice", &mut copy, &mut cursor, 1000).await;
+            sqlx::raw_sql("COMMIT").execute(&mut t1).await.unwrap();
+        } else {
+            // SQLite has one writer at a time: commits happen in sequence order.
+            h.sql("INSERT INTO customer (id, name) VALUES (7001, 'slow')").await;
+            h.receive("alice", &mut copy, &mut cursor, 1000).await;
+            h.sql("INSERT INTO customer (id, name) VALUES (7002, 'fast')").await;
+        }
+        h.receive("alice", &mut copy, &mut cursor, 1000).await;
+        assert!(copy.contains_key(&("customer".into(), "7001".into())), "the slow commit arrived");
+        assert!(copy.contains_key(&("customer".into(), "7002".into())), "the fast commit arrived");
+    }
+}
