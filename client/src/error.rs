@@ -14,8 +14,9 @@ pub enum Error {
     /// The new schema is not an additive change of the installed one.
     #[error("incompatible schema change: {0}")]
     SchemaChange(String),
-    /// Another `send()` is running on the same device database (R17). Try again when it ends.
-    #[error("a send is already running for this device database")]
+    /// Another `send()` (or `receive()`) is running on the same device database (R17). Try again
+    /// when it ends.
+    #[error("a send or receive is already running for this device database")]
     AlreadyRunning,
     /// The server refused the whole batch (e.g. `sequence_gap`, `digest_mismatch`, `unauthorized`).
     #[error("server refused the request: {0}")]
@@ -50,6 +51,11 @@ pub enum Error {
     /// The send state machine was fed an input it cannot take in its state (a driver bug).
     #[error("send state machine: {0}")]
     InvalidState(String),
+    /// Received changes could not be applied locally (e.g. a foreign key would break). Nothing
+    /// was applied, the cursor is unchanged and the staged pages were dropped: the next receive
+    /// starts over from the stored cursor.
+    #[error("received changes could not be applied (nothing was changed): {0}")]
+    ReceiveApply(String),
     /// A table or column is not part of the installed schema.
     #[error("not in the schema: {0}")]
     NotInSchema(String),

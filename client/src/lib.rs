@@ -17,6 +17,7 @@
 //! # let _ = report; Ok(()) }
 //! ```
 
+pub mod auto;
 pub mod db;
 pub mod engine;
 pub mod error;
@@ -26,16 +27,20 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use ferry_protocol::{Batch, Row, Schema};
+use ferry_protocol::{Batch, Cursor, Estimate, Row, Schema};
 use rusqlite::Connection;
 
+pub use auto::{AutoSync, SyncPolicy};
 pub use db::log::{EventStatus, PendingEvent};
+pub use db::receive::ReceiveState;
 pub use engine::batcher::BatchLimits;
+pub use engine::receive::{ReceiveProgress, ReceiveReport};
 pub use engine::send::{Progress, RetryPolicy, SendReport};
 pub use error::{Error, Result};
 pub use ferry_protocol;
 pub use transport::{Transport, UploadError};
 
+use engine::receive::ReceiveMachine;
 use engine::send::{Command, Input, SendMachine};
 
 /// How a [`Client`] reaches its server and cuts batches.
@@ -51,6 +56,8 @@ pub struct ClientConfig {
     pub max_attempts: u32,
     /// HTTP request timeout (default 30 s).
     pub request_timeout: std::time::Duration,
+    /// Rows asked per receive page (default 1000).
+    pub page_limit: u32,
 }
 
 impl ClientConfig {
@@ -62,32 +69,51 @@ impl ClientConfig {
             batch_limits: BatchLimits::default(),
             max_attempts: RetryPolicy::default().max_attempts,
             request_timeout: transport::DEFAULT_TIMEOUT,
+            page_limit: DEFAULT_PAGE_LIMIT,
         }
     }
 }
 
+/// Default number of rows asked per receive page.
+pub const DEFAULT_PAGE_LIMIT: u32 = 1000;
+
+type Running = Mutex<Option<HashSet<PathBuf>>>;
+
 /// Device databases with a `send()` running in this process (R17: one send at a time).
-static SENDING: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+static SENDING: Running = Mutex::new(None);
+/// Device databases with a `receive()` running in this process (one receive at a time).
+static RECEIVING: Running = Mutex::new(None);
+/// Device databases with a `sync()` running in this process (R18: never two syncs at once).
+static SYNCING: Running = Mutex::new(None);
 
-struct SendGuard(PathBuf);
+struct RunGuard(&'static Running, PathBuf);
 
-impl SendGuard {
-    fn acquire(path: &Path) -> Result<Self> {
-        let mut set = SENDING.lock().unwrap_or_else(|e| e.into_inner());
+impl RunGuard {
+    fn acquire(running: &'static Running, path: &Path) -> Result<Self> {
+        let mut set = running.lock().unwrap_or_else(|e| e.into_inner());
         if !set.get_or_insert_with(HashSet::new).insert(path.to_path_buf()) {
             return Err(Error::AlreadyRunning);
         }
-        Ok(SendGuard(path.to_path_buf()))
+        Ok(RunGuard(running, path.to_path_buf()))
     }
 }
 
-impl Drop for SendGuard {
+impl Drop for RunGuard {
     fn drop(&mut self) {
-        let mut set = SENDING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(set) = set.as_mut() {
-            set.remove(&self.0);
+            set.remove(&self.1);
         }
     }
+}
+
+/// What one [`Client::sync`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The send part.
+    pub send: SendReport,
+    /// The receive part.
+    pub receive: ReceiveReport,
 }
 
 /// The device-side sync client over one local database. `Send + Sync`: share it (e.g. in an
@@ -272,7 +298,7 @@ impl Client {
     }
 
     async fn send_inner(&self, progress: Option<&(dyn Fn(Progress) + Send + Sync)>) -> Result<SendReport> {
-        let _guard = SendGuard::acquire(&self.path)?;
+        let _guard = RunGuard::acquire(&SENDING, &self.path)?;
         let (events_total, batches_total) = {
             let conn = self.lock();
             let schema = self.require_schema(&conn)?;
@@ -309,6 +335,116 @@ impl Client {
                 }
                 Command::Finished(report) => return Ok(report),
                 Command::Failed(e) => return Err(e),
+            };
+        }
+    }
+
+    /// The receive bookkeeping: the stored cursor and any interrupted receive.
+    pub fn receive_state(&self) -> Result<ReceiveState> {
+        db::receive::state(&self.lock())
+    }
+
+    /// The cursor of the last completed receive (empty: never received).
+    pub fn cursor(&self) -> Result<Cursor> {
+        Ok(self.receive_state()?.cursor)
+    }
+
+    /// Asks the server how much is waiting for this device (R10): from the stored cursor, or
+    /// from where an interrupted receive stopped.
+    pub async fn estimate(&self) -> Result<Estimate> {
+        let cursor = self.receive_state()?.fetch_cursor();
+        self.transport.estimate(&cursor).await.map_err(|e| match e {
+            UploadError::Refused(body) => Error::Refused(body),
+            UploadError::Transport(reason) => Error::Transport(reason),
+        })
+    }
+
+    /// Receives what changed on the server since the last receive (R9–R12) and applies it in one
+    /// local transaction.
+    ///
+    /// Pages are staged durably as they arrive: an interrupted receive (error, dropped
+    /// connection, app killed) resumes after the last complete page on the next call. Rows with
+    /// unsent local changes are left alone (R12). An expired cursor restarts the receive in full.
+    /// Only one receive runs at a time per device database in this process: a concurrent call
+    /// gets [`Error::AlreadyRunning`].
+    pub async fn receive(&self) -> Result<ReceiveReport> {
+        self.receive_inner(None).await
+    }
+
+    /// [`Client::receive`], first asking the server for an estimate, then calling `progress`
+    /// after each page.
+    pub async fn receive_with_progress(
+        &self,
+        progress: impl Fn(ReceiveProgress) + Send + Sync,
+    ) -> Result<ReceiveReport> {
+        self.receive_inner(Some(&progress)).await
+    }
+
+    /// Sends everything pending, then receives (R18's "sync"). A concurrent `sync` on the same
+    /// device database gets [`Error::AlreadyRunning`].
+    pub async fn sync(&self) -> Result<SyncReport> {
+        let _guard = RunGuard::acquire(&SYNCING, &self.path)?;
+        let send = self.send().await?;
+        let receive = self.receive().await?;
+        Ok(SyncReport { send, receive })
+    }
+
+    /// Starts syncing in the background by `policy` (R18); the returned handle stops it when
+    /// dropped. Must be called within a Tokio runtime.
+    pub fn start_auto_sync(self: &std::sync::Arc<Self>, policy: SyncPolicy) -> AutoSync {
+        auto::start(self.clone(), policy)
+    }
+
+    async fn receive_inner(&self, progress: Option<&(dyn Fn(ReceiveProgress) + Send + Sync)>) -> Result<ReceiveReport> {
+        let _guard = RunGuard::acquire(&RECEIVING, &self.path)?;
+        let state = {
+            let conn = self.lock();
+            self.require_schema(&conn)?;
+            db::receive::state(&conn)?
+        };
+        let rows_total = match progress {
+            Some(_) if !state.complete => self.estimate().await.map(|e| e.rows).unwrap_or(0),
+            _ => 0,
+        };
+        let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
+        let mut machine = ReceiveMachine::new(policy, state.fetch_cursor(), state.complete, rows_total);
+        let mut command = machine.start();
+        use engine::receive::{Command as Rc, Input as Ri};
+        loop {
+            command = match command {
+                Rc::Fetch { cursor } => {
+                    let input = match self.transport.fetch_page(&cursor, self.config.page_limit).await {
+                        Ok((page, bytes)) => Ri::PageArrived { page, bytes },
+                        Err(UploadError::Refused(body)) => Ri::Refused(body),
+                        Err(UploadError::Transport(reason)) => Ri::TransportFailed(reason),
+                    };
+                    machine.step(input)
+                }
+                Rc::Stage(page) => {
+                    db::receive::stage_page(&mut self.lock(), &page)?;
+                    if let Some(cb) = progress {
+                        cb(machine.progress());
+                    }
+                    machine.step(Ri::Staged)
+                }
+                Rc::Sleep(d) => {
+                    tokio::time::sleep(d).await;
+                    machine.step(Ri::Slept)
+                }
+                Rc::Restart => {
+                    db::receive::reset_cursor(&mut self.lock())?;
+                    machine.step(Ri::Restarted)
+                }
+                Rc::ApplyStaged => {
+                    let stats = {
+                        let mut conn = self.lock();
+                        let schema = self.require_schema(&conn)?;
+                        db::receive::apply_staged(&mut conn, &schema)?
+                    };
+                    machine.step(Ri::Applied(stats))
+                }
+                Rc::Finished(report) => return Ok(report),
+                Rc::Failed(e) => return Err(e),
             };
         }
     }

@@ -1,17 +1,19 @@
-//! The HTTP driver (reqwest): fetches the schema and uploads batches.
+//! The HTTP driver (reqwest): fetches the schema, uploads batches, asks for estimates and fetches
+//! change pages.
 
 use std::time::Duration;
 
 use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, POSTCARD_MEDIA_TYPE};
-use ferry_protocol::{Batch, BatchResult, Encoding, ErrorBody, ErrorCode, Schema};
+use ferry_protocol::{Batch, BatchResult, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, Schema};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
 /// Default request timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why an upload did not produce a result.
+/// Why an upload (or a receive request) did not produce an answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UploadError {
     /// The server answered with a typed error for the request as a whole (4xx).
@@ -95,6 +97,57 @@ impl Transport {
             ErrorBody::new(ErrorCode::BadRequest, format!("HTTP {status} without a readable error body"))
         })))
     }
+}
+
+impl Transport {
+    /// `GET /v1/changes/estimate?cursor=…`: how much is waiting for this device (R10).
+    pub async fn estimate(&self, cursor: &Cursor) -> Result<Estimate, UploadError> {
+        let url = self.url_with_query("/v1/changes/estimate", &[("cursor", cursor.0.as_str())])?;
+        self.get_decoded(url).await.map(|(estimate, _)| estimate)
+    }
+
+    /// `GET /v1/changes?cursor=…&limit=…`: one page of changes, and the size of the encoded answer.
+    pub async fn fetch_page(&self, cursor: &Cursor, limit: u32) -> Result<(ChangePage, u64), UploadError> {
+        let limit = limit.to_string();
+        let url = self.url_with_query("/v1/changes", &[("cursor", cursor.0.as_str()), ("limit", limit.as_str())])?;
+        self.get_decoded(url).await
+    }
+
+    fn url_with_query(&self, path: &str, query: &[(&str, &str)]) -> Result<reqwest::Url, UploadError> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base_url))
+            .map_err(|e| UploadError::Transport(format!("invalid server URL: {e}")))?;
+        url.query_pairs_mut().extend_pairs(query);
+        Ok(url)
+    }
+
+    async fn get_decoded<T: DeserializeOwned>(&self, url: reqwest::Url) -> Result<(T, u64), UploadError> {
+        let mut req = self.http.get(url).header(ACCEPT, POSTCARD_MEDIA_TYPE);
+        if let Some(token) = &self.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let resp = req.send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let encoding = response_encoding(&resp);
+        let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        if status.is_success() {
+            return encoding
+                .decode::<T>(&bytes, DEFAULT_MAX_MESSAGE_BYTES)
+                .map(|v| (v, bytes.len() as u64))
+                .map_err(|e| UploadError::Transport(format!("unreadable answer: {e}")));
+        }
+        Err(refusal(status, &bytes))
+    }
+}
+
+/// The error of a non-success answer: 5xx is retryable (transport), 4xx a typed refusal.
+fn refusal(status: reqwest::StatusCode, bytes: &[u8]) -> UploadError {
+    if status.is_server_error() {
+        let detail = error_body(status, bytes).map(|b| b.to_string()).unwrap_or_default();
+        return UploadError::Transport(format!("HTTP {status} {detail}"));
+    }
+    UploadError::Refused(error_body(status, bytes).unwrap_or_else(|| {
+        ErrorBody::new(ErrorCode::BadRequest, format!("HTTP {status} without a readable error body"))
+    }))
 }
 
 fn transport(e: reqwest::Error) -> Error {

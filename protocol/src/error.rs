@@ -64,6 +64,8 @@ pub enum ErrorCode {
     Internal,
     /// 503: the server is starting, stopping or cannot reach its database.
     Unavailable,
+    /// 408: the request took longer than the server's request timeout; nothing was applied.
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -75,6 +77,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::NotAcceptable => 406,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::DigestMismatch | ErrorCode::SequenceGap | ErrorCode::AlreadyRunning => 409,
             ErrorCode::CursorExpired => 410,
             ErrorCode::PayloadTooLarge => 413,
@@ -101,6 +104,7 @@ impl ErrorCode {
             ErrorCode::CursorExpired => "cursor_expired",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 }

@@ -31,6 +31,12 @@ pub struct ServeArgs {
     #[command(flatten)]
     /// Token verification.
     pub auth: AuthArgs,
+    /// PEM certificate chain: serve HTTPS (with `--tls-key`).
+    #[arg(long, env = "FERRY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    #[arg(long, env = "FERRY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where the HS256 secret that signs and verifies bearer tokens comes from.
@@ -40,8 +46,35 @@ pub struct AuthArgs {
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// File holding the secret when none is given; created with a random secret if missing.
+    /// Not used when an identity provider's key is configured and no secret is given.
     #[arg(long, env = "FERRY_JWT_SECRET_FILE", default_value = "ferry.secret")]
     pub jwt_secret_file: PathBuf,
+    /// An identity provider's public key (PEM: Ed25519, RSA or EC) verifying EdDSA/RS*/PS*/ES* tokens.
+    #[arg(long, env = "FERRY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// A JWKS file (the provider's published key set); tokens pick their key by `kid`.
+    #[arg(long, env = "FERRY_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "FERRY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "FERRY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+}
+
+impl AuthArgs {
+    /// HS256 with an explicit secret and nothing else configured (tests, simple deployments).
+    pub fn secret(secret: &str) -> AuthArgs {
+        AuthArgs {
+            jwt_secret: Some(secret.to_string()),
+            jwt_secret_file: PathBuf::from("ferry.secret"),
+            jwt_public_key: None,
+            jwks_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+        }
+    }
 }
 
 /// Request limits, each with a safe default.
@@ -59,6 +92,9 @@ pub struct Limits {
     /// Approximate byte budget of one page.
     #[arg(long, env = "FERRY_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_page_bytes: usize,
+    /// Longest a request may take, in seconds, before it is abandoned (and rolled back) with 408.
+    #[arg(long, env = "FERRY_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -68,6 +104,7 @@ impl Default for Limits {
             max_batch_events: 10_000,
             max_page_rows: 10_000,
             max_page_bytes: 4 * 1024 * 1024,
+            request_timeout_secs: 60,
         }
     }
 }

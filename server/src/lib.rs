@@ -50,7 +50,7 @@ pub async fn prepare_with_hooks(
     auth: &AuthArgs,
     hooks: Arc<dyn Hooks>,
 ) -> Result<http::AppState, StartError> {
-    let auth = Arc::new(Auth::from_config(auth.jwt_secret.as_deref(), &auth.jwt_secret_file)?);
+    let auth = Arc::new(Auth::from_args(auth)?);
     let (store, schema) = open(storage).await?;
     Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks })
 }

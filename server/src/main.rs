@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { user, ttl, auth } => {
-            let auth = Auth::from_config(auth.jwt_secret.as_deref(), &auth.jwt_secret_file)?;
+            let auth = Auth::from_args(&auth)?;
             println!("{}", auth.issue(&user, ttl)?);
             Ok(())
         }
@@ -77,14 +77,34 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = ferry_server::prepare(&args.storage, args.limits, &args.auth).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let app = ferry_server::http::router(state);
+    let listener =
+        std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "ferry-server listening");
-    // Tests and scripts read this line to learn the port when listening on port 0.
-    println!("listening on http://{addr}");
-    axum::serve(listener, ferry_server::http::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| format!("cannot load TLS certificate {} and key {}", cert.display(), key.display()))?;
+            tracing::info!(%addr, "ferry-server listening (HTTPS)");
+            // Tests and scripts read this line to learn the port when listening on port 0.
+            println!("listening on https://{addr}");
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
+            });
+            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(app.into_make_service()).await?;
+        }
+        _ => {
+            tracing::info!(%addr, "ferry-server listening");
+            println!("listening on http://{addr}");
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -27,7 +27,7 @@ struct Harness {
 async fn harness(backend: Backend) -> Option<Harness> {
     let database = backend.database().await?;
     let storage = StorageArgs { database: database.clone(), schema: None };
-    let auth = AuthArgs { jwt_secret: Some(SECRET.into()), jwt_secret_file: "unused".into() };
+    let auth = AuthArgs::secret(SECRET);
     let state = ferry_server::prepare(&storage, Limits::default(), &auth).await.unwrap();
     let app = ferry_server::http::router(state.clone());
     let h = Harness { state, app, database };

@@ -7,9 +7,12 @@
 //!   off while the sync itself writes, and the last temporary key handed out;
 //! - `ferry_log`: the pending log (events and checkpoints, in device order);
 //! - `ferry_versions`: the server version of each row the device last saw;
-//! - `ferry_inflight`: the exact batch being uploaded (postcard), so a crash re-sends it unchanged.
+//! - `ferry_inflight`: the exact batch being uploaded (postcard), so a crash re-sends it unchanged;
+//! - `ferry_staged`: the pages of the receive in progress (postcard), applied together once the
+//!   last one is in; `ferry_meta` keys `cursor`, `receive_next` and `receive_full` track it.
 
 pub mod log;
+pub mod receive;
 pub mod schema;
 pub mod values;
 
@@ -56,6 +59,7 @@ CREATE TABLE IF NOT EXISTS ferry_versions(
   PRIMARY KEY (tbl, pk)
 );
 CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
 "#;
 
 /// Opens (creating if needed) the device database: WAL, foreign keys on, Ferry's tables migrated,
@@ -83,6 +87,12 @@ pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
         .query_row("SELECT value FROM ferry_meta WHERE key = ?1", [key], |r| r.get::<_, Option<String>>(0))
         .optional()?
         .flatten())
+}
+
+/// Deletes a `ferry_meta` value.
+pub fn meta_delete(conn: &Connection, key: &str) -> Result<()> {
+    conn.execute("DELETE FROM ferry_meta WHERE key = ?1", [key])?;
+    Ok(())
 }
 
 /// Writes a `ferry_meta` value.

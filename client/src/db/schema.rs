@@ -106,7 +106,7 @@ fn row_object(r: &str, table: &Table) -> String {
     format!("json_object({args})")
 }
 
-fn key_array(r: &str, table: &Table) -> String {
+pub(crate) fn key_array(r: &str, table: &Table) -> String {
     let args = table
         .primary_key
         .iter()

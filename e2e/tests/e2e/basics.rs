@@ -1,6 +1,5 @@
 //! A server process starts, serves its schema and survives a restart.
 
-
 use ferry_e2e::{Backend, ServerProcess, token};
 use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
 use ferry_server::backend_tests;

@@ -5,3 +5,4 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod basics;
+mod send;

@@ -48,8 +48,30 @@ pub fn router(state: AppState) -> Router {
         .merge(changes::routes())
         // Bodies are limited (with a typed 413) by the `Wire` extractor instead.
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), with_timeout))
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
+}
+
+/// Abandons a request that takes longer than the configured timeout with a typed 408. Dropping
+/// the handler's future rolls back its database transaction, so nothing is half-applied.
+async fn with_timeout(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let limit = std::time::Duration::from_secs(state.limits.request_timeout_secs.max(1));
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            use axum::response::IntoResponse as _;
+            error::ApiError::new(
+                ferry_protocol::ErrorCode::RequestTimeout,
+                format!("the request took longer than {} s and was abandoned; nothing was applied", limit.as_secs()),
+            )
+            .into_response()
+        }
+    }
 }
 
 tokio::task_local! {

@@ -1,0 +1,410 @@
+//! The receive state machine (R9, R11). Pure: it never touches the network or the database; the
+//! driver (`Client::receive`) performs its commands and feeds back what happened.
+//!
+//! Pages are fetched one at a time; each page is staged durably (together with the cursor of the
+//! next page) before the next one is asked for, so an interrupted receive resumes after the last
+//! complete page. When the last page is staged, everything staged is applied in one local
+//! transaction. A transport failure re-asks the same page after a backoff; `cursor_expired`
+//! restarts the receive in full from the empty cursor (once).
+
+use std::time::Duration;
+
+use ferry_protocol::{ChangePage, Cursor, ErrorBody, ErrorCode};
+
+use crate::engine::send::RetryPolicy;
+use crate::error::Error;
+
+/// What applying the staged pages did (see [`crate::db::receive::apply_staged`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Rows inserted or overwritten.
+    pub rows_upserted: u64,
+    /// Rows deleted by removals.
+    pub rows_removed: u64,
+    /// Upserts and removals skipped because the row has unsent local changes (R12).
+    pub rows_skipped: u64,
+    /// Pages applied (including pages staged by an earlier, interrupted receive).
+    pub pages: u64,
+    /// Whether the receive was full (rows absent from it were removed).
+    pub full: bool,
+}
+
+/// What the driver reports back to the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The server answered a fetch with a page; `bytes` is the size of the encoded answer.
+    PageArrived {
+        /// The page.
+        page: ChangePage,
+        /// Encoded size of the answer.
+        bytes: u64,
+    },
+    /// The fetch failed in a retryable way (connection, timeout, 5xx).
+    TransportFailed(String),
+    /// The server refused the request as a whole.
+    Refused(ErrorBody),
+    /// The pause asked by [`Command::Sleep`] is over.
+    Slept,
+    /// The page was staged durably, with its `next` cursor.
+    Staged,
+    /// Staged pages were dropped and the cursor reset to empty (after [`Command::Restart`]).
+    Restarted,
+    /// Everything staged was applied and the new cursor stored.
+    Applied(ApplyStats),
+}
+
+/// What the machine asks the driver to do next.
+#[derive(Debug)]
+pub enum Command {
+    /// Ask the server for the page at this cursor.
+    Fetch {
+        /// The cursor to send (empty: full receive).
+        cursor: Cursor,
+    },
+    /// Stage this page durably (with `page.next` as the cursor to resume from), then report
+    /// [`Input::Staged`].
+    Stage(ChangePage),
+    /// Apply every staged page in one local transaction, then report [`Input::Applied`].
+    ApplyStaged,
+    /// Wait, then report [`Input::Slept`].
+    Sleep(Duration),
+    /// The cursor expired: drop staged pages, reset the stored cursor to empty, then report
+    /// [`Input::Restarted`].
+    Restart,
+    /// Done.
+    Finished(ReceiveReport),
+    /// Stopped with an error; staged pages stay staged and the next receive resumes after them.
+    Failed(Error),
+}
+
+/// What one `receive()` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Pages downloaded by this call.
+    pub pages: u64,
+    /// Pages applied (more than `pages` when an interrupted receive was resumed).
+    pub pages_applied: u64,
+    /// Rows inserted or overwritten locally.
+    pub rows_upserted: u64,
+    /// Rows deleted locally by removals.
+    pub rows_removed: u64,
+    /// Rows left untouched because they have unsent local changes (R12).
+    pub rows_skipped: u64,
+    /// Whether this was a full receive.
+    pub full: bool,
+    /// Encoded bytes downloaded by this call.
+    pub bytes: u64,
+    /// Whether the receive was restarted in full because the cursor had expired.
+    pub restarted: bool,
+}
+
+/// Progress of a receive, reported after each staged page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveProgress {
+    /// Rows (upserts and removals) downloaded so far by this call.
+    pub rows_received: u64,
+    /// Rows the server estimated were waiting when the receive started (0 if unknown).
+    pub rows_total: u64,
+    /// Pages downloaded so far by this call.
+    pub pages: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    Idle,
+    Fetching { cursor: Cursor, failures: u32 },
+    Sleeping { cursor: Cursor, failures: u32 },
+    Staging { last: bool, next: Cursor },
+    Restarting,
+    Applying,
+    Done,
+}
+
+/// The receive state machine. Start with [`ReceiveMachine::start`], then feed every [`Input`] to
+/// [`ReceiveMachine::step`] until it returns [`Command::Finished`] or [`Command::Failed`].
+#[derive(Debug)]
+pub struct ReceiveMachine {
+    policy: RetryPolicy,
+    state: State,
+    cursor: Cursor,
+    staged_complete: bool,
+    report: ReceiveReport,
+    progress: ReceiveProgress,
+}
+
+impl ReceiveMachine {
+    /// A machine that fetches from `cursor` (the stored cursor, or the `next` of the last staged
+    /// page of an interrupted receive). If `staged_complete`, the last page is already staged and
+    /// the machine goes straight to applying.
+    pub fn new(policy: RetryPolicy, cursor: Cursor, staged_complete: bool, rows_total: u64) -> Self {
+        ReceiveMachine {
+            policy,
+            state: State::Idle,
+            cursor,
+            staged_complete,
+            report: ReceiveReport::default(),
+            progress: ReceiveProgress { rows_total, ..ReceiveProgress::default() },
+        }
+    }
+
+    /// The first command.
+    pub fn start(&mut self) -> Command {
+        if self.staged_complete {
+            self.state = State::Applying;
+            return Command::ApplyStaged;
+        }
+        self.fetch(self.cursor.clone(), 0)
+    }
+
+    /// Current progress.
+    pub fn progress(&self) -> ReceiveProgress {
+        self.progress
+    }
+
+    /// The report so far.
+    pub fn report(&self) -> ReceiveReport {
+        self.report
+    }
+
+    fn fetch(&mut self, cursor: Cursor, failures: u32) -> Command {
+        self.state = State::Fetching { cursor: cursor.clone(), failures };
+        Command::Fetch { cursor }
+    }
+
+    fn fail(&mut self, e: Error) -> Command {
+        self.state = State::Done;
+        Command::Failed(e)
+    }
+
+    /// Advances the machine with what happened.
+    pub fn step(&mut self, input: Input) -> Command {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        match (state, input) {
+            (State::Fetching { .. }, Input::PageArrived { page, bytes }) => {
+                let rows = page.upserts.iter().map(|t| t.rows.len() as u64).sum::<u64>() + page.removals.len() as u64;
+                if let Some(t) = page.upserts.iter().find(|t| t.versions.len() != t.rows.len()) {
+                    return self.fail(Error::Corrupt(format!(
+                        "page for table {} has {} rows but {} versions",
+                        t.table,
+                        t.rows.len(),
+                        t.versions.len()
+                    )));
+                }
+                self.report.pages += 1;
+                self.report.bytes += bytes;
+                self.report.full |= page.full;
+                self.progress.pages += 1;
+                self.progress.rows_received += rows;
+                self.progress.rows_total = self.progress.rows_total.max(self.progress.rows_received);
+                self.state = State::Staging { last: page.last, next: page.next.clone() };
+                Command::Stage(page)
+            }
+            (State::Fetching { cursor, failures }, Input::TransportFailed(reason)) => {
+                self.retry_or_fail(cursor, failures + 1, reason)
+            }
+            (State::Fetching { cursor, failures }, Input::Refused(body)) => match body.code {
+                ErrorCode::CursorExpired if !cursor.is_start() && !self.report.restarted => {
+                    tracing::info!("receive cursor expired; restarting in full");
+                    self.report.restarted = true;
+                    self.state = State::Restarting;
+                    Command::Restart
+                }
+                ErrorCode::AlreadyRunning
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+                | ErrorCode::RequestTimeout => self.retry_or_fail(cursor, failures + 1, body.to_string()),
+                _ => self.fail(Error::Refused(body)),
+            },
+            (State::Sleeping { cursor, failures }, Input::Slept) => self.fetch(cursor, failures),
+            (State::Restarting, Input::Restarted) => {
+                self.cursor = Cursor::start();
+                self.report.full = true;
+                self.fetch(Cursor::start(), 0)
+            }
+            (State::Staging { last: true, .. }, Input::Staged) => {
+                self.state = State::Applying;
+                Command::ApplyStaged
+            }
+            (State::Staging { last: false, next }, Input::Staged) => {
+                self.cursor = next.clone();
+                self.fetch(next, 0)
+            }
+            (State::Applying, Input::Applied(stats)) => {
+                self.report.pages_applied = stats.pages;
+                self.report.rows_upserted = stats.rows_upserted;
+                self.report.rows_removed = stats.rows_removed;
+                self.report.rows_skipped = stats.rows_skipped;
+                self.report.full |= stats.full;
+                self.state = State::Done;
+                Command::Finished(self.report)
+            }
+            (state, input) => {
+                self.fail(Error::InvalidState(format!("receive: unexpected {input:?} in state {state:?}")))
+            }
+        }
+    }
+
+    fn retry_or_fail(&mut self, cursor: Cursor, failures: u32, reason: String) -> Command {
+        if failures >= self.policy.max_attempts.max(1) {
+            return self.fail(Error::Unreachable { attempts: failures, last: reason });
+        }
+        tracing::debug!(failures, %reason, "page fetch failed; retrying");
+        self.state = State::Sleeping { cursor, failures };
+        Command::Sleep(self.policy.backoff(failures))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use ferry_protocol::{Key, Removal, TableRows, Value};
+
+    fn page(next: &str, last: bool, full: bool, rows: usize) -> ChangePage {
+        ChangePage {
+            full,
+            upserts: vec![TableRows {
+                table: "product".into(),
+                columns: vec!["id".into()],
+                versions: (0..rows as u64).collect(),
+                rows: (0..rows as i64).map(|i| vec![Value::Integer(i)]).collect(),
+            }],
+            removals: vec![Removal { table: "product".into(), key: Key::int(99) }],
+            next: Cursor(next.into()),
+            last,
+        }
+    }
+
+    fn machine(cursor: &str) -> ReceiveMachine {
+        ReceiveMachine::new(RetryPolicy { max_attempts: 3, ..RetryPolicy::default() }, Cursor(cursor.into()), false, 10)
+    }
+
+    fn fetched(c: Command) -> String {
+        let Command::Fetch { cursor } = c else { panic!("expected a fetch, got {c:?}") };
+        cursor.0
+    }
+
+    #[test]
+    fn fetches_stages_each_page_then_applies_once() {
+        let mut m = machine("c0");
+        assert_eq!(fetched(m.start()), "c0");
+        let p1 = page("c1", false, false, 2);
+        let Command::Stage(staged) = m.step(Input::PageArrived { page: p1.clone(), bytes: 50 }) else { panic!() };
+        assert_eq!(staged, p1);
+        assert_eq!(fetched(m.step(Input::Staged)), "c1", "the next page is asked with the page's next cursor");
+        assert_eq!(m.progress(), ReceiveProgress { rows_received: 3, rows_total: 10, pages: 1 });
+        assert!(matches!(
+            m.step(Input::PageArrived { page: page("c2", true, false, 1), bytes: 30 }),
+            Command::Stage(_)
+        ));
+        assert!(matches!(m.step(Input::Staged), Command::ApplyStaged));
+        let stats = ApplyStats { rows_upserted: 3, rows_removed: 2, rows_skipped: 0, pages: 2, full: false };
+        let Command::Finished(r) = m.step(Input::Applied(stats)) else { panic!() };
+        assert_eq!(
+            r,
+            ReceiveReport {
+                pages: 2,
+                pages_applied: 2,
+                rows_upserted: 3,
+                rows_removed: 2,
+                rows_skipped: 0,
+                full: false,
+                bytes: 80,
+                restarted: false
+            }
+        );
+    }
+
+    #[test]
+    fn transport_failures_reask_the_same_page_with_backoff_then_give_up() {
+        let mut m = machine("c0");
+        m.start();
+        m.step(Input::PageArrived { page: page("c1", false, false, 1), bytes: 1 });
+        assert_eq!(fetched(m.step(Input::Staged)), "c1");
+        let Command::Sleep(d) = m.step(Input::TransportFailed("reset".into())) else { panic!() };
+        assert_eq!(d, Duration::from_millis(100));
+        assert_eq!(fetched(m.step(Input::Slept)), "c1", "a retry asks for the same page");
+        let Command::Sleep(d) = m.step(Input::Refused(ErrorBody::new(ErrorCode::RequestTimeout, "slow"))) else {
+            panic!()
+        };
+        assert_eq!(d, Duration::from_millis(200));
+        assert_eq!(fetched(m.step(Input::Slept)), "c1");
+        let Command::Failed(Error::Unreachable { attempts, .. }) = m.step(Input::TransportFailed("x".into())) else {
+            panic!()
+        };
+        assert_eq!(attempts, 3);
+    }
+
+    #[test]
+    fn successful_page_resets_the_failure_count() {
+        let mut m = machine("c0");
+        m.start();
+        for _ in 0..2 {
+            assert!(matches!(m.step(Input::TransportFailed("x".into())), Command::Sleep(_)));
+            m.step(Input::Slept);
+        }
+        m.step(Input::PageArrived { page: page("c1", false, false, 1), bytes: 1 });
+        m.step(Input::Staged);
+        for _ in 0..2 {
+            assert!(matches!(m.step(Input::TransportFailed("x".into())), Command::Sleep(_)));
+            m.step(Input::Slept);
+        }
+    }
+
+    #[test]
+    fn cursor_expired_restarts_in_full_once() {
+        let mut m = machine("old");
+        m.start();
+        let expired = ErrorBody::new(ErrorCode::CursorExpired, "compacted");
+        assert!(matches!(m.step(Input::Refused(expired.clone())), Command::Restart));
+        assert_eq!(fetched(m.step(Input::Restarted)), "");
+        m.step(Input::PageArrived { page: page("c9", true, true, 1), bytes: 1 });
+        assert!(matches!(m.step(Input::Staged), Command::ApplyStaged));
+        let Command::Finished(r) = m.step(Input::Applied(ApplyStats { full: true, pages: 1, ..ApplyStats::default() }))
+        else {
+            panic!()
+        };
+        assert!(r.full && r.restarted);
+
+        // An expired empty cursor cannot be restarted: it is an error, not a loop.
+        let mut m = machine("old");
+        m.start();
+        m.step(Input::Refused(expired.clone()));
+        m.step(Input::Restarted);
+        assert!(matches!(m.step(Input::Refused(expired)), Command::Failed(Error::Refused(_))));
+    }
+
+    #[test]
+    fn refusals_stop_with_a_typed_error() {
+        let mut m = machine("c0");
+        m.start();
+        let Command::Failed(Error::Refused(b)) = m.step(Input::Refused(ErrorBody::new(ErrorCode::Unauthorized, "no")))
+        else {
+            panic!()
+        };
+        assert_eq!(b.code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn a_completely_staged_receive_is_applied_without_fetching() {
+        let mut m = ReceiveMachine::new(RetryPolicy::default(), Cursor("c5".into()), true, 0);
+        assert!(matches!(m.start(), Command::ApplyStaged));
+        let Command::Finished(r) = m.step(Input::Applied(ApplyStats { pages: 3, ..ApplyStats::default() })) else {
+            panic!()
+        };
+        assert_eq!((r.pages, r.pages_applied), (0, 3));
+    }
+
+    #[test]
+    fn malformed_pages_and_unexpected_inputs_fail() {
+        let mut m = machine("c0");
+        m.start();
+        let mut p = page("c1", true, false, 2);
+        p.upserts[0].versions.pop();
+        assert!(matches!(m.step(Input::PageArrived { page: p, bytes: 1 }), Command::Failed(Error::Corrupt(_))));
+        let mut m = machine("c0");
+        m.start();
+        assert!(matches!(m.step(Input::Staged), Command::Failed(Error::InvalidState(_))));
+    }
+}
