@@ -56,6 +56,9 @@ pub struct ClientConfig {
     pub max_attempts: u32,
     /// HTTP request timeout (default 30 s).
     pub request_timeout: std::time::Duration,
+    /// Extra trusted CA certificates (PEM) for a server with a private CA; the platform's
+    /// roots are always trusted too.
+    pub extra_ca_pem: Option<Vec<u8>>,
     /// Rows asked per receive page (default 1000).
     pub page_limit: u32,
 }
@@ -69,6 +72,7 @@ impl ClientConfig {
             batch_limits: BatchLimits::default(),
             max_attempts: RetryPolicy::default().max_attempts,
             request_timeout: transport::DEFAULT_TIMEOUT,
+            extra_ca_pem: None,
             page_limit: DEFAULT_PAGE_LIMIT,
         }
     }
@@ -165,8 +169,12 @@ impl Client {
     pub fn open(db_path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let conn = db::open(db_path.as_ref())?;
         let path = std::fs::canonicalize(db_path.as_ref()).unwrap_or_else(|_| db_path.as_ref().to_path_buf());
-        let transport =
-            Transport::with_timeout(config.server_url.clone(), config.token.clone(), config.request_timeout)?;
+        let transport = Transport::with_options(
+            config.server_url.clone(),
+            config.token.clone(),
+            config.request_timeout,
+            config.extra_ca_pem.as_deref(),
+        )?;
         Ok(Client { conn: Mutex::new(conn), path, config, transport })
     }
 

@@ -42,7 +42,28 @@ impl Transport {
 
     /// Like [`Transport::new`] with a request timeout.
     pub fn with_timeout(base_url: impl Into<String>, token: Option<String>, timeout: Duration) -> Result<Self> {
-        let http = reqwest::Client::builder().timeout(timeout).build().map_err(|e| Error::Transport(e.to_string()))?;
+        Self::with_options(base_url, token, timeout, None)
+    }
+
+    /// Like [`Transport::with_timeout`], also trusting the PEM certificates in `extra_ca_pem`
+    /// (for private deployments with their own CA) besides the platform's roots. HTTPS uses
+    /// rustls; OpenSSL is never involved.
+    pub fn with_options(
+        base_url: impl Into<String>,
+        token: Option<String>,
+        timeout: Duration,
+        extra_ca_pem: Option<&[u8]>,
+    ) -> Result<Self> {
+        let mut builder =
+            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout.min(Duration::from_secs(10)));
+        if let Some(pem) = extra_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::Transport(format!("extra CA certificate: {e}")))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| Error::Transport(e.to_string()))?;
         Ok(Transport { http, base_url: base_url.into().trim_end_matches('/').to_string(), token })
     }
 
