@@ -25,6 +25,9 @@ pub enum UploadError {
     Transport(String),
 }
 
+/// Batches at least this large travel zstd-compressed.
+const COMPRESS_FROM_BYTES: usize = 1024;
+
 /// A connection to one Ferry server.
 #[derive(Debug, Clone)]
 pub struct Transport {
@@ -95,13 +98,16 @@ impl Transport {
     /// `POST /v1/batches`: uploads a batch (postcard) and decodes the result.
     pub async fn upload(&self, batch: &Batch) -> Result<BatchResult, UploadError> {
         let body = Encoding::Postcard.encode(batch).map_err(|e| UploadError::Transport(e.to_string()))?;
-        let resp = self
-            .request(reqwest::Method::POST, "/v1/batches")
-            .header(CONTENT_TYPE, POSTCARD_MEDIA_TYPE)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| UploadError::Transport(e.to_string()))?;
+        let mut req = self.request(reqwest::Method::POST, "/v1/batches").header(CONTENT_TYPE, POSTCARD_MEDIA_TYPE);
+        // reqwest decompresses responses but never compresses requests: compress sizeable
+        // batches here (the server's request-decompression layer undoes it).
+        let body = if body.len() >= COMPRESS_FROM_BYTES {
+            req = req.header(reqwest::header::CONTENT_ENCODING, "zstd");
+            zstd::bulk::compress(&body, 3).map_err(|e| UploadError::Transport(e.to_string()))?
+        } else {
+            body
+        };
+        let resp = req.body(body).send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
         let status = resp.status();
         let encoding = response_encoding(&resp);
         let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;

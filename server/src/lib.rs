@@ -11,6 +11,7 @@ pub mod config;
 pub mod feed;
 pub mod hooks;
 pub mod http;
+pub mod metrics;
 pub mod schema_file;
 pub mod store;
 pub mod testing;
@@ -52,7 +53,7 @@ pub async fn prepare_with_hooks(
 ) -> Result<http::AppState, StartError> {
     let auth = Arc::new(Auth::from_args(auth)?);
     let (store, schema) = open(storage).await?;
-    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks })
+    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None })
 }
 
 /// Loads the schema file, opens storage, and brings Ferry's tables and the app tables up to date.

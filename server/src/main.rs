@@ -40,10 +40,43 @@ enum Command {
         #[command(flatten)]
         auth: AuthArgs,
     },
+    /// List devices, or show one: user, last batch, last sync, failures in its last batch.
+    Devices {
+        #[command(subcommand)]
+        action: DevicesAction,
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Trim the change feed's tombstones and the apply log older than the retention; devices
+    /// whose cursor is older then receive in full.
+    Compact {
+        /// Keep what is younger than this (90s, 15m, 1h, 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_ttl)]
+        retention: std::time::Duration,
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a schema file and print its version digest.
     CheckSchema {
         /// The schema file.
         path: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesAction {
+    /// Every device.
+    List,
+    /// One device.
+    Show {
+        /// The device id.
+        id: String,
     },
 }
 
@@ -67,6 +100,43 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", auth.issue(&user, ttl)?);
             Ok(())
         }
+        Command::Devices { action, storage, json } => {
+            let (store, _) = ferry_server::open(&storage).await?;
+            let only = match &action {
+                DevicesAction::List => None,
+                DevicesAction::Show { id } => Some(id.as_str()),
+            };
+            let devices = store.devices(only).await?;
+            if let (DevicesAction::Show { id }, true) = (&action, devices.is_empty()) {
+                anyhow::bail!("no device {id:?}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                println!("{:<40} {:<20} {:>10} {:>8}  LAST SEEN", "DEVICE", "USER", "LAST BATCH", "FAILED");
+                for d in devices {
+                    let seen = d.last_seen.as_deref().unwrap_or("never");
+                    println!(
+                        "{:<40} {:<20} {:>10} {:>8}  {seen}",
+                        d.device_id, d.user_id, d.last_batch, d.failed_in_last_batch
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Compact { retention, storage, json } => {
+            let (store, _) = ferry_server::open(&storage).await?;
+            let report = store.compact(retention).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "removed {} tombstones and {} apply-log entries; cursors below {} now receive in full",
+                    report.tombstones, report.apply_log_entries, report.horizon
+                );
+            }
+            Ok(())
+        }
         Command::CheckSchema { path } => {
             let file = SchemaFile::load(&path)?;
             println!("ok: {} tables, version {}", file.schema.tables.len(), file.schema.version);
@@ -76,7 +146,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let state = ferry_server::prepare(&args.storage, args.limits, &args.auth).await?;
+    let mut state = ferry_server::prepare(&args.storage, args.limits, &args.auth).await?;
+    state.metrics = Some(ferry_server::metrics::install().map_err(anyhow::Error::msg)?);
     let app = ferry_server::http::router(state);
     let listener =
         std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -72,7 +72,15 @@ impl Harness {
     }
 
     async fn post_raw(&self, body: Vec<u8>, content_type: &str, token: &str) -> Answer {
-        let req = Request::post("/v1/batches")
+        self.post_encoded(body, content_type, token, None).await
+    }
+
+    async fn post_encoded(&self, body: Vec<u8>, content_type: &str, token: &str, encoding: Option<&str>) -> Answer {
+        let mut req = Request::post("/v1/batches");
+        if let Some(encoding) = encoding {
+            req = req.header("content-encoding", encoding);
+        }
+        let req = req
             .header("content-type", content_type)
             .header("accept", "application/x-ferry+postcard")
             .header("authorization", format!("Bearer {token}"))
@@ -177,6 +185,10 @@ backend_tests! {
         assert_eq!(again, first);
         assert_eq!(h.scalar("SELECT count(*) FROM customer").await, 1);
         assert_eq!(h.scalar("SELECT count(*) FROM ferry_apply_log").await, 21);
+        let devices = h.state.store.devices(None).await.unwrap();
+        assert_eq!(devices.len(), 1);
+        assert_eq!((devices[0].device_id.as_str(), devices[0].user_id.as_str(), devices[0].last_batch), ("dev-a", "alice", 1));
+        assert!(devices[0].last_seen.is_some());
         // Applied in device order.
         let in_order = h.scalar("SELECT count(*) FROM ferry_apply_log a JOIN ferry_apply_log b
                                  ON a.id < b.id AND a.event_seq > b.event_seq").await;
@@ -363,6 +375,11 @@ backend_tests! {
         let huge = vec![0u8; Limits::default().max_body_bytes + 1];
         let (status, err) = h.post_raw(huge, "application/x-ferry+postcard", &h.token).await.err();
         assert_eq!((status, err.code, err.limit), (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, Some(Limits::default().max_body_bytes as u64)));
+        // zstd-compressed bodies (what the client sends for sizeable batches) are accepted.
+        let batch = h.batch("dev-z", 1, vec![customer(1, 1, -1, "Zed")]);
+        let body = zstd::bulk::compress(&Encoding::Postcard.encode(&batch).unwrap(), 3).unwrap();
+        let r = h.post_encoded(body, "application/x-ferry+postcard", &h.token, Some("zstd")).await.ok();
+        assert_eq!(codes(&r), ["applied"]);
         // The JSON encoding is accepted too.
         let batch = h.batch("dev-i", 1, vec![customer(1, 1, -1, "Ada")]);
         let r = h.post_raw(Encoding::Json.encode(&batch).unwrap(), "application/json", &h.token).await.ok();

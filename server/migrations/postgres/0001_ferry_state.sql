@@ -29,6 +29,7 @@ CREATE TABLE ferry_rows (
     version  BIGINT NOT NULL,
     position BIGINT NOT NULL,
     deleted  BOOLEAN NOT NULL DEFAULT false,
+    changed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (tbl, pk)
 );
 CREATE INDEX ferry_rows_by_position ON ferry_rows (tbl, position);
@@ -45,7 +46,8 @@ CREATE TABLE ferry_apply_log (
     batch_seq BIGINT NOT NULL,
     event_seq BIGINT NOT NULL,
     tbl       TEXT NOT NULL,
-    op        TEXT NOT NULL
+    op        TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 CREATE TABLE ferry_schemas (
@@ -67,7 +69,7 @@ BEGIN
         INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
         VALUES (TG_TABLE_NAME, new_key, nextval('ferry_version_seq'), pg_current_xact_id()::text::bigint, false)
         ON CONFLICT (tbl, pk) DO UPDATE
-            SET version = EXCLUDED.version, position = EXCLUDED.position, deleted = false;
+            SET version = EXCLUDED.version, position = EXCLUDED.position, deleted = false, changed_at = now();
     END IF;
     IF TG_OP <> 'INSERT' THEN
         SELECT jsonb_agg(to_jsonb(OLD) -> c ORDER BY o)::text INTO old_key
@@ -76,7 +78,7 @@ BEGIN
             INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
             VALUES (TG_TABLE_NAME, old_key, nextval('ferry_version_seq'), pg_current_xact_id()::text::bigint, true)
             ON CONFLICT (tbl, pk) DO UPDATE
-                SET version = EXCLUDED.version, position = EXCLUDED.position, deleted = true;
+                SET version = EXCLUDED.version, position = EXCLUDED.position, deleted = true, changed_at = now();
         END IF;
     END IF;
     RETURN NULL;

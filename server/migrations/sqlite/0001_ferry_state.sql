@@ -30,6 +30,8 @@ CREATE TABLE ferry_rows (
     version  INTEGER NOT NULL,
     position INTEGER NOT NULL,
     deleted  INTEGER NOT NULL DEFAULT 0,
+    -- Unix seconds of the change; compaction drops tombstones older than the retention.
+    changed_at INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tbl, pk)
 );
 CREATE INDEX ferry_rows_by_position ON ferry_rows (tbl, position);
@@ -55,7 +57,8 @@ CREATE TABLE ferry_apply_log (
     batch_seq INTEGER NOT NULL,
     event_seq INTEGER NOT NULL,
     tbl       TEXT NOT NULL,
-    op        TEXT NOT NULL
+    op        TEXT NOT NULL,
+    applied_at INTEGER NOT NULL DEFAULT (strftime('%s', 'now'))
 );
 
 -- Every schema the server has served, so events recorded under an older one can be judged (R17).

@@ -61,6 +61,7 @@ pub async fn apply_batch<T: ApplyTx>(
     if batch.batch_seq + 1 == expected && device.last_digest.is_some() {
         // A retry of the last applied batch: answer with its stored result, apply nothing.
         if device.last_digest == Some(batch.digest.0) {
+            metrics::counter!("ferry_batches_total", "result" => "replayed").increment(1);
             let stored = device.last_result.as_deref().unwrap_or_default();
             let result = postcard::from_bytes(stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             return Ok(result);
@@ -106,6 +107,13 @@ pub async fn apply_batch<T: ApplyTx>(
             }
             Outcome::NotApplied => {}
         }
+        let label = match &outcome {
+            Outcome::Applied => "applied",
+            Outcome::Failed(f) => f.code.as_str(),
+            Outcome::NotApplied => "not_applied",
+        };
+        metrics::counter!("ferry_events_total", "table" => table_label(schema, &event.table), "outcome" => label)
+            .increment(1);
         outcomes.push(EventOutcome { seq: event.seq, outcome });
     }
     let result =
@@ -116,7 +124,15 @@ pub async fn apply_batch<T: ApplyTx>(
     device.last_result = Some(postcard::to_stdvec(&result).map_err(|e| StoreError::Corrupt(e.to_string()))?);
     tx.save_device(&device).await?;
     tx.commit().await?;
+    metrics::counter!("ferry_batches_total", "result" => "applied").increment(1);
+    metrics::counter!("ferry_key_remaps_total").increment(result.remaps.len() as u64);
     Ok(result)
+}
+
+/// A metrics label for a table name: the schema's name, or `unknown` (devices must not be able
+/// to create series by sending made-up table names).
+fn table_label(schema: &Schema, table: &str) -> String {
+    schema.table(table).map_or_else(|| "unknown".to_owned(), |t| t.name.clone())
 }
 
 fn failure(code: FailureCode, message: impl Into<String>) -> Failure {
@@ -311,6 +327,9 @@ impl Run<'_> {
             )));
         };
         let conflict = event.base_version.is_some_and(|seen| seen != version);
+        if conflict {
+            count_conflict(table);
+        }
         // Without a conflict, write the columns the device changed (all if it did not say).
         let mut write: Row = if event.changed.is_empty() {
             values.clone()
@@ -357,6 +376,7 @@ impl Run<'_> {
             return Ok(Written::Applied(None));
         };
         if event.base_version.is_some_and(|seen| seen != version) {
+            count_conflict(table);
             match table.conflict {
                 ConflictPolicy::Reject | ConflictPolicy::Merge => {
                     return Ok(Written::Failed(conflict_failure(table, current, None)));
@@ -376,6 +396,16 @@ enum Written {
     Applied(Option<Key>),
     /// Refused by Ferry's own rules (not found, conflict).
     Failed(Failure),
+}
+
+fn count_conflict(table: &Table) {
+    let policy = match table.conflict {
+        ConflictPolicy::Reject => "reject",
+        ConflictPolicy::ServerWins => "server_wins",
+        ConflictPolicy::ClientWins => "client_wins",
+        ConflictPolicy::Merge => "merge",
+    };
+    metrics::counter!("ferry_conflicts_total", "table" => table.name.clone(), "policy" => policy).increment(1);
 }
 
 fn conflict_failure(table: &Table, server_row: Row, column: Option<String>) -> Failure {

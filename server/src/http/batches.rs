@@ -53,6 +53,7 @@ async fn post_batch(
     match result {
         Ok(result) => Ok(Reply(encoding, result)),
         Err(ApplyError::Refused { code, message, expected_batch_seq }) => {
+            metrics::counter!("ferry_batches_total", "result" => "refused").increment(1);
             let mut err = ApiError::new(code, message);
             err.0.expected_batch_seq = expected_batch_seq;
             Err(err)

@@ -52,6 +52,9 @@ async fn changes(
     let page =
         feed::page(&state.store, &state.schema.schema, &user, &params.cursor, limit, state.limits.max_page_bytes)
             .await?;
+    let upserts: usize = page.upserts.iter().map(|g| g.rows.len()).sum();
+    metrics::counter!("ferry_rows_received_total", "kind" => "upsert").increment(upserts as u64);
+    metrics::counter!("ferry_rows_received_total", "kind" => "removal").increment(page.removals.len() as u64);
     Ok(Reply(encoding, page))
 }
 

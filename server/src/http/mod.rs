@@ -37,6 +37,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Business-rule hooks.
     pub hooks: Arc<dyn Hooks>,
+    /// Renders `/metrics` when the Prometheus recorder is installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// The complete router.
@@ -46,9 +48,15 @@ pub fn router(state: AppState) -> Router {
         .merge(schema::routes())
         .merge(batches::routes())
         .merge(changes::routes())
+        .route("/metrics", axum::routing::get(render_metrics))
         // Bodies are limited (with a typed 413) by the `Wire` extractor instead.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), with_timeout))
+        // Request bodies may arrive zstd/gzip-compressed; responses are compressed when the
+        // client accepts it (negotiated by Accept-Encoding).
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
+        .layer(tower_http::compression::CompressionLayer::new())
+        .layer(middleware::from_fn(record_metrics))
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -72,6 +80,36 @@ async fn with_timeout(
             .into_response()
         }
     }
+}
+
+async fn render_metrics(axum::extract::State(state): axum::extract::State<AppState>) -> String {
+    state.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
+}
+
+/// Request counts, latency, bytes and in-flight requests, by matched route (never by raw path,
+/// which would let clients create unbounded series).
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let bytes_in = content_length(req.headers());
+    let started = std::time::Instant::now();
+    metrics::gauge!("ferry_http_requests_in_flight").increment(1.0);
+    let response = next.run(req).await;
+    metrics::gauge!("ferry_http_requests_in_flight").decrement(1.0);
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("ferry_http_request_duration_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("ferry_http_requests_total", "route" => route, "status" => status).increment(1);
+    metrics::counter!("ferry_http_request_bytes_total").increment(bytes_in);
+    metrics::counter!("ferry_http_response_bytes_total").increment(content_length(response.headers()));
+    response
+}
+
+fn content_length(headers: &axum::http::HeaderMap) -> u64 {
+    headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
 }
 
 tokio::task_local! {

@@ -4,6 +4,7 @@
 //!
 //! Identifiers in SQL come only from a validated [`Schema`]; values are always bound.
 
+pub mod admin;
 pub mod apply_tx;
 pub mod feed;
 pub mod pg;

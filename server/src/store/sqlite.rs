@@ -111,20 +111,20 @@ fn capture_triggers(table: &str, pk: &[String]) -> String {
         "DROP TRIGGER IF EXISTS {ins};
 CREATE TRIGGER {ins} AFTER INSERT ON {t} BEGIN
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted) VALUES ('{table}', {new_key}, {version}, {version}, 0);
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted, changed_at) VALUES ('{table}', {new_key}, {version}, {version}, 0, unixepoch());
 END;
 DROP TRIGGER IF EXISTS {upd};
 CREATE TRIGGER {upd} AFTER UPDATE ON {t} BEGIN
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted)
-    SELECT '{table}', {old_key}, {version}, {version}, 1 WHERE {old_key} IS NOT {new_key};
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted, changed_at)
+    SELECT '{table}', {old_key}, {version}, {version}, 1, unixepoch() WHERE {old_key} IS NOT {new_key};
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted) VALUES ('{table}', {new_key}, {version}, {version}, 0);
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted, changed_at) VALUES ('{table}', {new_key}, {version}, {version}, 0, unixepoch());
 END;
 DROP TRIGGER IF EXISTS {del};
 CREATE TRIGGER {del} AFTER DELETE ON {t} BEGIN
   {bump}
-  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted) VALUES ('{table}', {old_key}, {version}, {version}, 1);
+  INSERT OR REPLACE INTO ferry_rows (tbl, pk, version, position, deleted, changed_at) VALUES ('{table}', {old_key}, {version}, {version}, 1, unixepoch());
 END;",
         ins = name("insert"),
         upd = name("update"),
