@@ -262,7 +262,8 @@ impl Client {
     }
 
     /// Fix-and-retry a failed event: `edits` are written to the local row and the event, which
-    /// becomes pending again.
+    /// becomes pending again, with the events of its local transaction that failed as its
+    /// dependants (the server applies a local transaction all or nothing).
     pub fn retry(&self, seq: i64, edits: Option<Row>) -> Result<()> {
         let mut conn = self.lock();
         let schema = self.require_schema(&conn)?;

@@ -263,6 +263,36 @@ backend_tests! {
         assert_eq!(h.scalar("SELECT count(*) FROM invoice_line").await, 2);
     }
 
+    async fn a_local_transaction_applies_all_or_nothing(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let line = |seq, tx, temp, inv, qty| insert(seq, tx, "invoice_line", temp, &[
+            ("id", int(temp)), ("invoice_id", int(inv)), ("product_id", int(2)), ("qty", int(qty)), ("price", Value::Real(4.0)),
+        ]);
+        // tx 1: a customer, its invoice, and a line selling more ink than there is (3).
+        let events = vec![
+            customer(1, 1, -1, "Ada"),
+            insert(2, 1, "invoice", -2, &[("id", int(-2)), ("customer_id", int(-1)), ("salesperson_id", text("alice"))]),
+            line(3, 1, -3, -2, 5),
+            // tx 2, independent, applies.
+            customer(4, 2, -4, "Bob"),
+        ];
+        let r = h.send(&h.batch("dev-atomic", 1, events)).await.ok();
+        assert_eq!(codes(&r), ["dependency_failed", "dependency_failed", "constraint", "applied"]);
+        let Outcome::Failed(f) = &r.outcomes[0].outcome else { panic!() };
+        assert!(f.message.contains("not enough stock"), "{}", f.message);
+        // The transaction's applied events were rolled back, with their remaps and images.
+        assert_eq!(h.scalar("SELECT count(*) FROM customer").await, 1);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice").await, 0);
+        assert_eq!(r.remaps.len(), 1);
+        assert_eq!(r.remaps[0].temporary, Key::int(-4));
+        assert!(r.images.iter().all(|i| i.table == "customer" && i.values["name"] == text("Bob")));
+        assert_eq!(h.scalar("SELECT count(*) FROM ferry_apply_log").await, 1);
+        // The temporary keys of the rolled-back transaction were never mapped.
+        let later = insert(5, 3, "invoice", -5, &[("id", int(-5)), ("customer_id", int(-1)), ("salesperson_id", text("alice"))]);
+        let r = h.send(&h.batch("dev-atomic", 2, vec![later])).await.ok();
+        assert_eq!(codes(&r), ["dependency_failed"]);
+    }
+
     async fn hostile_events_fail_alone_and_change_nothing(backend) {
         let Some(h) = harness(backend).await else { return };
         let mut no_key = customer(5, 5, -5, "NoKey");

@@ -215,7 +215,8 @@ fn load_failed(conn: &Connection, seq: i64) -> Result<RawEntry> {
 }
 
 /// Fix-and-retry (R6): writes `edits` into the local row and into the event's values (capture
-/// off), and puts the event back to pending so the next `send` uploads it again.
+/// off), and puts the event back to pending so the next `send` uploads it again — together with
+/// the events of its local transaction that failed only because it did.
 pub fn retry(conn: &mut Connection, schema: &Schema, seq: i64, edits: Option<&Row>) -> Result<()> {
     let tx = conn.transaction()?;
     let e = load_failed(&tx, seq)?;
@@ -269,9 +270,12 @@ pub fn retry(conn: &mut Connection, schema: &Schema, seq: i64, edits: Option<&Ro
             )?;
         }
     }
+    // The server applies a local transaction all or nothing, so the events that failed only
+    // because this one did (same local transaction) go back to pending with it.
     tx.execute(
         "UPDATE ferry_log SET status = 'pending', batch_seq = NULL, failure_code = NULL, failure_message = NULL,
-           failure_column = NULL, server_row = NULL WHERE seq = ?1",
+           failure_column = NULL, server_row = NULL
+         WHERE seq = ?1 OR (status = 'dependency_rejected' AND tx = (SELECT tx FROM ferry_log WHERE seq = ?1))",
         [seq],
     )?;
     tx.commit()?;

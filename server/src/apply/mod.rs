@@ -2,15 +2,16 @@
 //! transaction (R2, R4, R5, R6, R7, R13, R17).
 //!
 //! Per batch: lock the device; a replay of the last batch gets its stored result; anything but
-//! the next sequence number is refused. Per event, inside a savepoint so one failure undoes only
-//! that event: resolve the table, check access and dependencies, validate values, translate
+//! the next sequence number is refused. Per local transaction (the events sharing a `tx`), all or
+//! nothing: one failed event rolls the others back and fails them as dependants. Per event,
+//! inside a savepoint so a failure undoes exactly that event: resolve the table, check access and dependencies, validate values, translate
 //! temporary keys through the durable key map, detect conflicts against the row version, write,
 //! and read back the server's row image. The effects, the key map, the stored result and the
 //! new sequence number commit together.
 
 mod values;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use ferry_protocol::{
     Batch, BatchResult, ConflictPolicy, ErrorCode, Event, EventOutcome, Failure, FailureCode, Key, KeyRemap, Op,
@@ -19,7 +20,7 @@ use ferry_protocol::{
 
 use crate::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks};
 use crate::store::StoreError;
-use crate::store::apply_tx::{ApplyTx, WriteError};
+use crate::store::apply_tx::{ApplyTx, Savepoint, WriteError};
 
 /// Why a batch as a whole was refused (nothing was applied).
 #[derive(Debug, thiserror::Error)]
@@ -84,37 +85,33 @@ pub async fn apply_batch<T: ApplyTx>(
     let digest = batch.digest;
     hooks.before_batch(&ctx, &mut batch);
     let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default() };
-    let mut outcomes = Vec::with_capacity(batch.events.len());
+    let events = std::mem::take(&mut batch.events);
+    let mut outcomes = Vec::with_capacity(events.len());
     let mut aborted = false;
-    for mut event in std::mem::take(&mut batch.events) {
-        let outcome = if aborted {
-            Outcome::NotApplied
+    // Events of one local transaction are consecutive (the device's transactions are serial and
+    // the batcher never splits one): each run of equal `tx` applies all or nothing.
+    for group in events.chunk_by(|a, b| a.tx == b.tx) {
+        let group_outcomes = if aborted {
+            vec![Outcome::NotApplied; group.len()]
         } else if let Err(reason) = &compatible {
-            Outcome::Failed(failure(FailureCode::UpgradeRequired, format!("recorded under an older schema: {reason}")))
+            let f = failure(FailureCode::UpgradeRequired, format!("recorded under an older schema: {reason}"));
+            vec![Outcome::Failed(f); group.len()]
         } else {
-            match hooks.before_event(&ctx, &mut event) {
-                EventVerdict::Reject(message) => Outcome::Failed(failure(FailureCode::Validation, message)),
-                EventVerdict::Apply => run.apply_event(&mut tx, batch.batch_seq, &event).await?,
-            }
+            let (group_outcomes, abort) =
+                run.apply_local_transaction(&mut tx, &ctx, batch.batch_seq, group, hooks).await?;
+            aborted = abort;
+            group_outcomes
         };
-        match &outcome {
-            Outcome::Applied => hooks.after_event(&ctx, &event),
-            Outcome::Failed(f) => {
-                run.state.failed_txs.insert(event.tx);
-                if hooks.on_failure(&ctx, &event, f) == AfterFailure::AbortRest {
-                    aborted = true;
-                }
-            }
-            Outcome::NotApplied => {}
+        for (event, outcome) in group.iter().zip(group_outcomes) {
+            let label = match &outcome {
+                Outcome::Applied => "applied",
+                Outcome::Failed(f) => f.code.as_str(),
+                Outcome::NotApplied => "not_applied",
+            };
+            metrics::counter!("ferry_events_total", "table" => table_label(schema, &event.table), "outcome" => label)
+                .increment(1);
+            outcomes.push(EventOutcome { seq: event.seq, outcome });
         }
-        let label = match &outcome {
-            Outcome::Applied => "applied",
-            Outcome::Failed(f) => f.code.as_str(),
-            Outcome::NotApplied => "not_applied",
-        };
-        metrics::counter!("ferry_events_total", "table" => table_label(schema, &event.table), "outcome" => label)
-            .increment(1);
-        outcomes.push(EventOutcome { seq: event.seq, outcome });
     }
     let result =
         BatchResult { batch_seq: batch.batch_seq, outcomes, remaps: run.state.remaps, images: run.state.images };
@@ -141,12 +138,35 @@ fn failure(code: FailureCode, message: impl Into<String>) -> Failure {
 
 #[derive(Default)]
 struct RunState {
-    /// Local transactions with a failed event: their later events fail as dependants.
-    failed_txs: HashSet<u64>,
     /// Temporary keys assigned in this batch (also recorded in the durable key map).
     assigned: HashMap<(String, i64), i64>,
+    /// The keys of `assigned`, in the order they were assigned (to undo a local transaction).
+    assigned_order: Vec<(String, i64)>,
     remaps: Vec<KeyRemap>,
     images: Vec<RowImage>,
+}
+
+/// How much of [`RunState`] existed before a local transaction began.
+#[derive(Clone, Copy)]
+struct Mark {
+    assigned: usize,
+    remaps: usize,
+    images: usize,
+}
+
+impl RunState {
+    fn mark(&self) -> Mark {
+        Mark { assigned: self.assigned_order.len(), remaps: self.remaps.len(), images: self.images.len() }
+    }
+
+    /// Forgets what a rolled-back local transaction produced.
+    fn reset(&mut self, mark: Mark) {
+        for key in self.assigned_order.drain(mark.assigned..) {
+            self.assigned.remove(&key);
+        }
+        self.remaps.truncate(mark.remaps);
+        self.images.truncate(mark.images);
+    }
 }
 
 struct Run<'a> {
@@ -159,6 +179,62 @@ struct Run<'a> {
 type EventResult = Result<Outcome, StoreError>;
 
 impl Run<'_> {
+    /// Applies the events of one local transaction, all or nothing: if one fails, the effects of
+    /// the others are rolled back and they fail with `dependency_failed` (R6). Returns the
+    /// outcomes and whether a hook asked to abort the rest of the batch.
+    async fn apply_local_transaction<T: ApplyTx>(
+        &mut self,
+        tx: &mut T,
+        ctx: &BatchContext,
+        batch_seq: u64,
+        group: &[Event],
+        hooks: &dyn Hooks,
+    ) -> Result<(Vec<Outcome>, bool), StoreError> {
+        // A one-event transaction needs no savepoint beyond the event's own.
+        let grouped = group.len() > 1;
+        if grouped {
+            tx.savepoint(Savepoint::LocalTransaction).await?;
+        }
+        let mark = self.state.mark();
+        let mut applied = Vec::with_capacity(group.len());
+        for event in group {
+            let mut event = event.clone();
+            let outcome = match hooks.before_event(ctx, &mut event) {
+                EventVerdict::Reject(message) => Outcome::Failed(failure(FailureCode::Validation, message)),
+                EventVerdict::Apply => self.apply_event(tx, batch_seq, &event).await?,
+            };
+            if let Outcome::Failed(f) = outcome {
+                if grouped {
+                    tx.rollback_to_savepoint(Savepoint::LocalTransaction).await?;
+                }
+                self.state.reset(mark);
+                let abort = hooks.on_failure(ctx, &event, &f) == AfterFailure::AbortRest;
+                let outcomes = group
+                    .iter()
+                    .map(|other| {
+                        if other.seq == event.seq {
+                            Outcome::Failed(f.clone())
+                        } else {
+                            Outcome::Failed(failure(
+                                FailureCode::DependencyFailed,
+                                format!("event {} of the same local transaction failed: {}", event.seq, f.message),
+                            ))
+                        }
+                    })
+                    .collect();
+                return Ok((outcomes, abort));
+            }
+            applied.push(event);
+        }
+        if grouped {
+            tx.release_savepoint(Savepoint::LocalTransaction).await?;
+        }
+        for event in &applied {
+            hooks.after_event(ctx, event);
+        }
+        Ok((vec![Outcome::Applied; group.len()], false))
+    }
+
     async fn apply_event<T: ApplyTx>(&mut self, tx: &mut T, batch_seq: u64, event: &Event) -> EventResult {
         let Some(table) = self.schema.table(&event.table) else {
             return Ok(Outcome::Failed(failure(
@@ -166,12 +242,6 @@ impl Run<'_> {
                 format!("table {:?} is not synced by this server", event.table),
             )));
         };
-        if self.state.failed_txs.contains(&event.tx) {
-            return Ok(Outcome::Failed(failure(
-                FailureCode::DependencyFailed,
-                "an earlier event of the same local transaction failed",
-            )));
-        }
         let allowed = match event.op {
             Op::Insert => table.access.insert,
             Op::Update => table.access.update,
@@ -219,7 +289,7 @@ impl Run<'_> {
                 }
             }
         }
-        tx.savepoint().await?;
+        tx.savepoint(Savepoint::Event).await?;
         let written = match event.op {
             Op::Insert => self.insert(tx, table, &event.key, values).await,
             Op::Update => self.update(tx, table, &key, event, values).await,
@@ -227,7 +297,7 @@ impl Run<'_> {
         };
         match written {
             Ok(Written::Applied(image_key)) => {
-                tx.release_savepoint().await?;
+                tx.release_savepoint(Savepoint::Event).await?;
                 if let Some(image_key) = image_key
                     && let Some((values, version)) = tx.read_row(table, &image_key).await?
                 {
@@ -237,11 +307,11 @@ impl Run<'_> {
                 Ok(Outcome::Applied)
             }
             Ok(Written::Failed(f)) => {
-                tx.rollback_to_savepoint().await?;
+                tx.rollback_to_savepoint(Savepoint::Event).await?;
                 Ok(Outcome::Failed(f))
             }
             Err(WriteError::Constraint(message)) => {
-                tx.rollback_to_savepoint().await?;
+                tx.rollback_to_savepoint(Savepoint::Event).await?;
                 let mut f = failure(FailureCode::Constraint, message);
                 if event.op != Op::Insert {
                     f.server_row = tx.read_row(table, &key).await?.map(|(row, _)| row);
@@ -249,7 +319,7 @@ impl Run<'_> {
                 Ok(Outcome::Failed(f))
             }
             Err(WriteError::Value(message)) => {
-                tx.rollback_to_savepoint().await?;
+                tx.rollback_to_savepoint(Savepoint::Event).await?;
                 Ok(Outcome::Failed(failure(FailureCode::TypeMismatch, message)))
             }
             Err(WriteError::Store(e)) => Err(e),
@@ -303,6 +373,7 @@ impl Run<'_> {
         {
             tx.record_real_key(self.device_id, &table.name, temp, real).await?;
             self.state.assigned.insert((table.name.clone(), temp), real);
+            self.state.assigned_order.push((table.name.clone(), temp));
             self.state.remaps.push(KeyRemap {
                 table: table.name.clone(),
                 temporary: device_key.clone(),

@@ -36,6 +36,25 @@ pub enum WriteError {
     Store(#[from] StoreError),
 }
 
+/// The savepoints the apply engine uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Savepoint {
+    /// Around one event.
+    Event,
+    /// Around the events of one local transaction.
+    LocalTransaction,
+}
+
+impl Savepoint {
+    /// The SQL name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Savepoint::Event => "ferry_event",
+            Savepoint::LocalTransaction => "ferry_local_tx",
+        }
+    }
+}
+
 /// One batch's database transaction.
 pub trait ApplyTx: Send {
     /// Locks the device's row for the rest of the transaction (creating it, bound to `user_id`,
@@ -49,12 +68,12 @@ pub trait ApplyTx: Send {
     /// Stores the device's new state (next sequence number, digest and result of the last batch).
     fn save_device(&mut self, record: &DeviceRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Starts a savepoint around one event.
-    fn savepoint(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Keeps the event's effects.
-    fn release_savepoint(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Undoes the event's effects.
-    fn rollback_to_savepoint(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Starts a savepoint (around one event, or one local transaction's events).
+    fn savepoint(&mut self, name: Savepoint) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Keeps the effects since the savepoint.
+    fn release_savepoint(&mut self, name: Savepoint) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Undoes the effects since the savepoint (and releases it).
+    fn rollback_to_savepoint(&mut self, name: Savepoint) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The real key the server assigned to a device's temporary key, if any.
     fn real_key(

@@ -119,7 +119,7 @@ use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
 use sqlx::Postgres;
 use sqlx::postgres::PgRow;
 
-use super::apply_tx::{ApplyTx, DeviceRecord, RowSql, WriteError, key_columns};
+use super::apply_tx::{ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns};
 
 const SQL: RowSql = RowSql { placeholder: |n| format!("${n}") };
 
@@ -218,19 +218,19 @@ impl ApplyTx for PgApplyTx {
         Ok(())
     }
 
-    async fn savepoint(&mut self) -> Result<(), StoreError> {
-        sqlx::query("SAVEPOINT ferry_event").execute(&mut *self.tx).await?;
+    async fn savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!("SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
     }
 
-    async fn release_savepoint(&mut self) -> Result<(), StoreError> {
-        sqlx::query("RELEASE SAVEPOINT ferry_event").execute(&mut *self.tx).await?;
+    async fn release_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!("RELEASE SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
     }
 
-    async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
-        sqlx::query("ROLLBACK TO SAVEPOINT ferry_event").execute(&mut *self.tx).await?;
-        sqlx::query("RELEASE SAVEPOINT ferry_event").execute(&mut *self.tx).await?;
+    async fn rollback_to_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!("ROLLBACK TO SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
+        sqlx::query(AssertSqlSafe(format!("RELEASE SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
     }
 

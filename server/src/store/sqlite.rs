@@ -139,7 +139,7 @@ use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
 use sqlx::Sqlite;
 use sqlx::sqlite::SqliteRow;
 
-use super::apply_tx::{ApplyTx, DeviceRecord, RowSql, WriteError, key_columns};
+use super::apply_tx::{ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns};
 
 const SQL: RowSql = RowSql { placeholder: |_| "?".to_string() };
 
@@ -238,19 +238,19 @@ impl ApplyTx for SqliteApplyTx {
         Ok(())
     }
 
-    async fn savepoint(&mut self) -> Result<(), StoreError> {
-        sqlx::query("SAVEPOINT ferry_event").execute(&mut *self.tx).await?;
+    async fn savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!("SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
     }
 
-    async fn release_savepoint(&mut self) -> Result<(), StoreError> {
-        sqlx::query("RELEASE ferry_event").execute(&mut *self.tx).await?;
+    async fn release_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!("RELEASE {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
     }
 
-    async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
-        sqlx::query("ROLLBACK TO ferry_event").execute(&mut *self.tx).await?;
-        sqlx::query("RELEASE ferry_event").execute(&mut *self.tx).await?;
+    async fn rollback_to_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!("ROLLBACK TO {}", name.name()))).execute(&mut *self.tx).await?;
+        sqlx::query(AssertSqlSafe(format!("RELEASE {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
     }
 
