@@ -56,6 +56,9 @@ pub enum Error {
     /// starts over from the stored cursor.
     #[error("received changes could not be applied (nothing was changed): {0}")]
     ReceiveApply(String),
+    /// A local blob could not be stored, read or verified.
+    #[error("blob: {0}")]
+    Blob(String),
     /// A table or column is not part of the installed schema.
     #[error("not in the schema: {0}")]
     NotInSchema(String),

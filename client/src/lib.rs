@@ -18,6 +18,7 @@
 //! ```
 
 pub mod auto;
+pub mod blobs;
 pub mod db;
 pub mod engine;
 pub mod error;
@@ -27,10 +28,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use ferry_protocol::{Batch, Cursor, Estimate, Row, Schema};
+use ferry_protocol::{Batch, BlobRef, ColumnType, Cursor, Estimate, Row, Schema, Value};
 use rusqlite::Connection;
 
 pub use auto::{AutoSync, SyncPolicy};
+pub use blobs::{BlobPolicy, BlobProgress, BlobStats, blob_value};
 pub use db::log::{EventStatus, PendingEvent};
 pub use db::receive::ReceiveState;
 pub use engine::batcher::BatchLimits;
@@ -61,6 +63,12 @@ pub struct ClientConfig {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Rows asked per receive page (default 1000).
     pub page_limit: u32,
+    /// Base URL of the blob endpoints when they are served elsewhere (default: `server_url`).
+    pub blob_url: Option<String>,
+    /// When received blobs are downloaded (default lazy: on first access).
+    pub blob_policy: BlobPolicy,
+    /// Bytes per blob upload request (default 1 MiB; the server's limit is 16 MiB by default).
+    pub blob_chunk_bytes: u64,
 }
 
 impl ClientConfig {
@@ -74,9 +82,15 @@ impl ClientConfig {
             request_timeout: transport::DEFAULT_TIMEOUT,
             extra_ca_pem: None,
             page_limit: DEFAULT_PAGE_LIMIT,
+            blob_url: None,
+            blob_policy: BlobPolicy::default(),
+            blob_chunk_bytes: DEFAULT_BLOB_CHUNK_BYTES,
         }
     }
 }
+
+/// Default bytes per blob upload request.
+pub const DEFAULT_BLOB_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// Default number of rows asked per receive page.
 pub const DEFAULT_PAGE_LIMIT: u32 = 1000;
@@ -127,6 +141,9 @@ pub struct Client {
     path: PathBuf,
     config: ClientConfig,
     transport: Transport,
+    blob_transport: Transport,
+    local_blobs: blobs::LocalBlobs,
+    blob_counters: blobs::Counters,
 }
 
 impl std::fmt::Debug for Client {
@@ -175,7 +192,22 @@ impl Client {
             config.request_timeout,
             config.extra_ca_pem.as_deref(),
         )?;
-        Ok(Client { conn: Mutex::new(conn), path, config, transport })
+        let blob_transport = Transport::with_options(
+            config.blob_url.clone().unwrap_or_else(|| config.server_url.clone()),
+            config.token.clone(),
+            config.request_timeout,
+            config.extra_ca_pem.as_deref(),
+        )?;
+        let local_blobs = blobs::LocalBlobs::for_database(&path);
+        Ok(Client {
+            conn: Mutex::new(conn),
+            path,
+            config,
+            transport,
+            blob_transport,
+            local_blobs,
+            blob_counters: blobs::Counters::default(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -323,6 +355,13 @@ impl Client {
             command = match command {
                 Command::LoadNextBatch => machine.step(Input::BatchLoaded(self.next_batch()?)),
                 Command::Upload(batch) => {
+                    // R14: the blobs the batch references go first (the server applies an event
+                    // only once its blobs are complete). A blob the server refuses is left to
+                    // the event's `blob_missing` outcome; a transport failure retries the batch.
+                    if let Err(e) = self.upload_blobs_of(&batch).await {
+                        command = machine.step(Input::TransportFailed(e.to_string()));
+                        continue;
+                    }
                     let input = match self.transport.upload(&batch).await {
                         Ok(result) => Input::Answered(result),
                         Err(UploadError::Refused(body)) => Input::Refused(body),
@@ -452,10 +491,181 @@ impl Client {
                     };
                     machine.step(Ri::Applied(stats))
                 }
-                Rc::Finished(report) => return Ok(report),
+                Rc::Finished(report) => {
+                    if self.config.blob_policy == BlobPolicy::Eager
+                        && let Err(e) = self.download_blobs().await
+                    {
+                        tracing::warn!(error = %e, "eager blob download failed; blobs download on access");
+                    }
+                    return Ok(report);
+                }
                 Rc::Failed(e) => return Err(e),
             };
         }
+    }
+}
+
+/// Blobs (R14): photos, audio, video travel outside the batches, content-addressed.
+impl Client {
+    fn transfer<'a>(&'a self, progress: Option<&'a (dyn Fn(BlobProgress) + Send + Sync)>) -> blobs::Transfer<'a> {
+        blobs::Transfer {
+            transport: &self.blob_transport,
+            local: &self.local_blobs,
+            counters: &self.blob_counters,
+            chunk_bytes: self.config.blob_chunk_bytes,
+            max_attempts: self.config.max_attempts,
+            progress,
+        }
+    }
+
+    /// Stores the content of `reader` in the local blob directory (`<db file>.blobs/`, once per
+    /// content) and returns its reference; write [`blob_value`] of it into a blob column. The
+    /// blob is uploaded by the `send()` that sends the row.
+    pub fn add_blob(&self, reader: impl std::io::Read, media_type: &str) -> Result<BlobRef> {
+        self.local_blobs.add(reader, media_type)
+    }
+
+    /// [`Client::add_blob`] for a file.
+    pub fn add_blob_file(&self, path: impl AsRef<Path>, media_type: &str) -> Result<BlobRef> {
+        let file = std::fs::File::open(path.as_ref()).map_err(|e| Error::Blob(e.to_string()))?;
+        self.add_blob(std::io::BufReader::new(file), media_type)
+    }
+
+    /// The local file of `blob` if it is on this device (no network).
+    pub fn local_blob_path(&self, blob: &BlobRef) -> Option<PathBuf> {
+        self.local_blobs.has(blob).then(|| self.local_blobs.path(&blob.sha256))
+    }
+
+    /// The local file of `blob`, downloading it first if needed (resumable, verified by hash).
+    pub async fn blob_path(&self, blob: &BlobRef) -> Result<PathBuf> {
+        self.transfer(None).download(blob).await
+    }
+
+    /// [`Client::blob_path`], reporting download progress.
+    pub async fn blob_path_with_progress(
+        &self,
+        blob: &BlobRef,
+        progress: impl Fn(BlobProgress) + Send + Sync,
+    ) -> Result<PathBuf> {
+        self.transfer(Some(&progress)).download(blob).await
+    }
+
+    /// Opens `blob` for reading, downloading it first if needed.
+    pub async fn open_blob(&self, blob: &BlobRef) -> Result<std::fs::File> {
+        let path = self.blob_path(blob).await?;
+        std::fs::File::open(path).map_err(|e| Error::Blob(e.to_string()))
+    }
+
+    /// Uploads one local blob now (resuming from the server's offset), reporting progress.
+    pub async fn upload_blob_with_progress(
+        &self,
+        blob: &BlobRef,
+        progress: impl Fn(BlobProgress) + Send + Sync,
+    ) -> Result<()> {
+        self.transfer(Some(&progress)).upload(blob).await
+    }
+
+    /// Uploads the blobs `batch` references. Refusals and blobs missing locally are left to the
+    /// server's `blob_missing` answer; only transport failures are returned.
+    async fn upload_blobs_of(&self, batch: &Batch) -> Result<()> {
+        let mut seen = HashSet::new();
+        for event in &batch.events {
+            for value in event.values.values() {
+                let Value::Blob(blob) = value else { continue };
+                if !seen.insert(blob.sha256.clone()) {
+                    continue;
+                }
+                match self.transfer(None).upload(blob).await {
+                    Ok(()) => {}
+                    Err(e @ Error::Unreachable { .. }) => return Err(e),
+                    Err(e) => tracing::warn!(blob = %blob.sha256, error = %e, "blob not uploaded"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every blob referenced by a row of a synced table.
+    fn referenced_blobs(&self) -> Result<Vec<BlobRef>> {
+        let conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for table in &schema.tables {
+            for column in table.columns.iter().filter(|c| c.ty == ColumnType::Blob) {
+                let sql = format!(
+                    "SELECT DISTINCT \"{c}\" FROM \"{t}\" WHERE \"{c}\" IS NOT NULL",
+                    c = column.name,
+                    t = table.name
+                );
+                let mut stmt = conn.prepare(&sql)?;
+                let texts = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                for text in texts {
+                    if let Ok(blob) = serde_json::from_str::<BlobRef>(&text?)
+                        && seen.insert(blob.sha256.clone())
+                    {
+                        out.push(blob);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Blobs that rows on this device reference but that are not downloaded yet.
+    pub fn missing_blobs(&self) -> Result<Vec<BlobRef>> {
+        Ok(self.referenced_blobs()?.into_iter().filter(|b| !self.local_blobs.has(b)).collect())
+    }
+
+    /// Downloads every missing blob (what [`BlobPolicy::Eager`] does after a receive); returns
+    /// how many were downloaded.
+    pub async fn download_blobs(&self) -> Result<usize> {
+        let missing = self.missing_blobs()?;
+        for blob in &missing {
+            self.blob_path(blob).await?;
+        }
+        Ok(missing.len())
+    }
+
+    /// Removes local blobs that no row, pending event or in-flight batch references; returns
+    /// how many were removed.
+    pub fn collect_blobs(&self) -> Result<usize> {
+        let keep: HashSet<String> = self.referenced_blobs()?.into_iter().map(|b| b.sha256).collect();
+        let conn = self.lock();
+        let inflight: HashSet<String> = db::log::inflight_batch(&conn)?
+            .map(|b| {
+                b.events
+                    .iter()
+                    .flat_map(|e| e.values.values())
+                    .filter_map(|v| match v {
+                        Value::Blob(b) => Some(b.sha256.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut removed = 0;
+        for sha256 in self.local_blobs.list()? {
+            if keep.contains(&sha256) || inflight.contains(&sha256) {
+                continue;
+            }
+            let pending: i64 = conn.query_row(
+                "SELECT count(*) FROM ferry_log WHERE instr(coalesce(new_row, ''), ?1) > 0 \
+                 OR instr(coalesce(previous, ''), ?1) > 0",
+                [&sha256],
+                |r| r.get(0),
+            )?;
+            if pending == 0 {
+                self.local_blobs.remove(&sha256)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Bytes moved by blob transfers since this client was opened.
+    pub fn blob_stats(&self) -> BlobStats {
+        self.blob_counters.stats()
     }
 }
 

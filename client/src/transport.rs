@@ -192,3 +192,112 @@ fn response_encoding(resp: &reqwest::Response) -> Encoding {
 fn error_body(_status: reqwest::StatusCode, bytes: &[u8]) -> Option<ErrorBody> {
     Encoding::Json.decode::<ErrorBody>(bytes, DEFAULT_MAX_MESSAGE_BYTES).ok()
 }
+
+/// What the server said about one chunk of a blob upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobPatch {
+    /// Accepted: the server now holds this many bytes; `true` once complete and verified.
+    Held(u64, bool),
+    /// The server's upload is at another offset: resume from it.
+    Offset(u64),
+    /// The content did not match its sha256: the server discarded it; restart from 0.
+    HashMismatch,
+}
+
+/// Blob requests (R14): `HEAD`, `PATCH` and `GET /v1/blobs/{sha256}`.
+impl Transport {
+    fn blob_url(&self, sha256: &str) -> String {
+        format!("{}/v1/blobs/{sha256}", self.base_url)
+    }
+
+    fn blob_request(&self, method: reqwest::Method, sha256: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, self.blob_url(sha256));
+        if let Some(token) = &self.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        req
+    }
+
+    /// `HEAD /v1/blobs/{sha256}`: `None` if the server has nothing, else the bytes it holds and
+    /// whether the blob is complete.
+    pub async fn blob_head(&self, sha256: &str) -> Result<Option<(u64, bool)>, UploadError> {
+        let resp = self
+            .blob_request(reqwest::Method::HEAD, sha256)
+            .send()
+            .await
+            .map_err(|e| UploadError::Transport(e.to_string()))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(refusal(status, &[]));
+        }
+        let offset = header_u64(&resp, "upload-offset")
+            .ok_or_else(|| UploadError::Transport("HEAD answer without Upload-Offset".into()))?;
+        let complete = resp.headers().get("ferry-blob-complete").is_some_and(|v| v.as_bytes() == b"true");
+        Ok(Some((offset, complete)))
+    }
+
+    /// `PATCH /v1/blobs/{sha256}`: appends `chunk` at `offset` of a blob of `size` bytes.
+    pub async fn blob_patch(
+        &self,
+        sha256: &str,
+        offset: u64,
+        size: u64,
+        chunk: Vec<u8>,
+    ) -> Result<BlobPatch, UploadError> {
+        let resp = self
+            .blob_request(reqwest::Method::PATCH, sha256)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header("upload-offset", offset)
+            .header("ferry-blob-size", size)
+            .body(chunk)
+            .send()
+            .await
+            .map_err(|e| UploadError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let held = header_u64(&resp, "upload-offset");
+        let complete = resp.headers().get("ferry-blob-complete").is_some_and(|v| v.as_bytes() == b"true");
+        let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        if status.is_success() {
+            let held = held.ok_or_else(|| UploadError::Transport("PATCH answer without Upload-Offset".into()))?;
+            return Ok(BlobPatch::Held(held, complete));
+        }
+        if status == reqwest::StatusCode::CONFLICT
+            && let Some(at) = held
+        {
+            return Ok(BlobPatch::Offset(at));
+        }
+        let err = refusal(status, &bytes);
+        if let UploadError::Refused(body) = &err
+            && body.code == ErrorCode::BadRequest
+            && body.message.starts_with("hash mismatch")
+        {
+            return Ok(BlobPatch::HashMismatch);
+        }
+        Err(err)
+    }
+
+    /// `GET /v1/blobs/{sha256}` from byte `from` (a `Range` request when `from > 0`). The
+    /// answer's body is read by the caller, chunk by chunk.
+    pub async fn blob_get(&self, sha256: &str, from: u64) -> Result<reqwest::Response, UploadError> {
+        // Identity encoding: ranges address the stored bytes, and media is incompressible.
+        let mut req =
+            self.blob_request(reqwest::Method::GET, sha256).header(reqwest::header::ACCEPT_ENCODING, "identity");
+        if from > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let resp = req.send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() || status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        Err(refusal(status, &bytes))
+    }
+}
+
+fn header_u64(resp: &reqwest::Response, name: &str) -> Option<u64> {
+    resp.headers().get(name)?.to_str().ok()?.trim().parse().ok()
+}

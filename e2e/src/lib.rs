@@ -1,9 +1,11 @@
 //! The e2e harness: real `ferry-server` processes (the compiled binary, on a free loopback port,
 //! against SQLite or a scratch PostgreSQL database) and real devices using the public client API.
 
+pub mod device;
 pub mod proxy;
 pub mod server;
 
+pub use device::Site;
 pub use ferry_server::testing::Backend;
 pub use proxy::{Fault, Proxy, ProxyStats};
 pub use server::ServerProcess;

@@ -59,6 +59,7 @@ struct Shared {
     plan: Mutex<Plan>,
     connections: AtomicU64,
     faults: AtomicU64,
+    response_bytes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +83,7 @@ impl Proxy {
             plan: Mutex::new(Plan { queue: VecDeque::new(), default: Fault::Pass }),
             connections: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            response_bytes: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Proxy { addr, shared, task })
@@ -141,6 +143,13 @@ impl Proxy {
             connections: self.shared.connections.load(Ordering::SeqCst),
             faults: self.shared.faults.load(Ordering::SeqCst),
         }
+    }
+
+    /// Bytes forwarded from the server to devices so far, over all connections (HTTP headers
+    /// included). Sampled between two requests it tells where a response ends, so a test can
+    /// aim a [`Fault::CutResponseAfter`] at a later response of a kept-alive connection.
+    pub fn response_bytes(&self) -> u64 {
+        self.shared.response_bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -208,8 +217,8 @@ async fn handle(client: TcpStream, fault: Fault, shared: Arc<Shared>) {
     };
     // Either direction ending (EOF, error or a cut) ends the connection: both halves are dropped.
     let ended = tokio::select! {
-        e = pump(client_rd, server_wr, request_limit) => e,
-        e = pump(server_rd, client_wr, response_limit) => e,
+        e = pump(client_rd, server_wr, request_limit, None) => e,
+        e = pump(server_rd, client_wr, response_limit, Some(&shared.response_bytes)) => e,
     };
     if ended == Ended::Cut {
         fault_hit();
@@ -223,11 +232,13 @@ enum Ended {
 }
 
 /// Copies `from` → `to`; with a limit, forwards at most that many bytes and returns
-/// [`Ended::Cut`] as soon as more would have to be forwarded.
+/// [`Ended::Cut`] as soon as more would have to be forwarded. Forwarded bytes are added to
+/// `counter`, if any.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     limit: Option<usize>,
+    counter: Option<&AtomicU64>,
 ) -> Ended {
     let mut buf = vec![0u8; 16 * 1024];
     let mut forwarded = 0usize;
@@ -238,6 +249,10 @@ async fn pump(
         };
         let allowed = limit.map_or(n, |l| n.min(l - forwarded));
         if allowed > 0 {
+            // Counted before writing, so a reader that has seen the bytes also sees the count.
+            if let Some(counter) = counter {
+                counter.fetch_add(allowed as u64, Ordering::SeqCst);
+            }
             if to.write_all(&buf[..allowed]).await.is_err() {
                 return Ended::Closed;
             }

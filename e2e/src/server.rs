@@ -20,9 +20,16 @@ pub struct ServerProcess {
 /// The compiled `ferry-server` binary next to the running test executable.
 pub fn server_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-binary> → target/<profile>/ferry-server
-    let profile_dir = exe.parent().and_then(|d| d.parent()).context("test binary has no target dir")?;
-    let bin = profile_dir.join(format!("ferry-server{}", std::env::consts::EXE_SUFFIX));
+    let name = format!("ferry-server{}", std::env::consts::EXE_SUFFIX);
+    // target/<profile>/<binary> (ferry-bench) → target/<profile>/ferry-server;
+    // target/<profile>/deps/<test-binary> → target/<profile>/ferry-server.
+    let dir = exe.parent().context("test binary has no directory")?;
+    let beside = dir.join(&name);
+    if beside.exists() {
+        return Ok(beside);
+    }
+    let profile_dir = dir.parent().context("test binary has no target dir")?;
+    let bin = profile_dir.join(&name);
     if !bin.exists() {
         bail!("{} is missing: run `cargo build -p ferry-server` first (`just e2e` does)", bin.display());
     }
@@ -70,6 +77,11 @@ impl ServerProcess {
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Ok(ServerProcess { child, url, database, extra_args })
+    }
+
+    /// The process id (to read its memory use from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the process with SIGKILL (no graceful shutdown) and waits for it.

@@ -198,13 +198,20 @@ impl Auth {
             let mut validation = Validation::new(header.alg);
             validation.leeway = 30;
             validation.validate_nbf = true;
+            // A configured audience or issuer must be present, not only right when present.
+            let mut required = vec!["exp", "sub"];
             match &self.audience {
-                Some(aud) => validation.set_audience(&[aud]),
+                Some(aud) => {
+                    validation.set_audience(&[aud]);
+                    required.push("aud");
+                }
                 None => validation.validate_aud = false,
             }
             if let Some(iss) = &self.issuer {
                 validation.set_issuer(&[iss]);
+                required.push("iss");
             }
+            validation.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<Claims>(token, &verifier.key, &validation) {
                 Ok(data) => {
                     if data.claims.sub.is_empty() {
@@ -383,6 +390,11 @@ mod tests {
         assert!(message(auth.verify(&sign(wrong_aud))).contains("audience"));
         let wrong_iss = claims("alice", 600, serde_json::json!({"aud": "ferry", "iss": "https://evil.example"}));
         assert!(message(auth.verify(&sign(wrong_iss))).contains("issuer"));
+        // A configured claim must be present, not only right when present.
+        let no_aud = claims("alice", 600, serde_json::json!({"iss": "https://idp.example"}));
+        assert!(message(auth.verify(&sign(no_aud))).contains("required claim"));
+        let no_iss = claims("alice", 600, serde_json::json!({"aud": "ferry"}));
+        assert!(message(auth.verify(&sign(no_iss))).contains("required claim"));
         let expired = claims("alice", -3600, serde_json::json!({"aud": "ferry", "iss": "https://idp.example"}));
         assert!(message(auth.verify(&sign(expired))).contains("expired"));
         // Algorithm confusion: an HS256 token is refused when only the IdP's key is trusted.

@@ -14,6 +14,10 @@ pub struct StorageArgs {
     /// Schema file (TOML). Without it, the bundled example sales schema is served.
     #[arg(long, env = "FERRY_SCHEMA")]
     pub schema: Option<PathBuf>,
+    /// Directory of the filesystem blob store. Default: `<database>.blobs` next to a SQLite
+    /// file, `ferry-blobs` for PostgreSQL.
+    #[arg(long, env = "FERRY_BLOB_DIR")]
+    pub blob_dir: Option<PathBuf>,
 }
 
 /// `ferry-server serve` settings.
@@ -95,6 +99,12 @@ pub struct Limits {
     /// Longest a request may take, in seconds, before it is abandoned (and rolled back) with 408.
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub request_timeout_secs: u64,
+    /// Largest blob (photo, audio, video) accepted, in bytes.
+    #[arg(long, env = "FERRY_MAX_BLOB_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub max_blob_bytes: u64,
+    /// Largest chunk of a blob upload (one `PATCH /v1/blobs/…` body), in bytes.
+    #[arg(long, env = "FERRY_MAX_CHUNK_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_chunk_bytes: u64,
 }
 
 impl Default for Limits {
@@ -105,6 +115,8 @@ impl Default for Limits {
             max_page_rows: 10_000,
             max_page_bytes: 4 * 1024 * 1024,
             request_timeout_secs: 60,
+            max_blob_bytes: 2 * 1024 * 1024 * 1024,
+            max_chunk_bytes: 16 * 1024 * 1024,
         }
     }
 }

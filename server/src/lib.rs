@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod auth;
+pub mod blobs;
 pub mod config;
 pub mod feed;
 pub mod hooks;
@@ -36,6 +37,14 @@ pub enum StartError {
     /// The token secret is unusable.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The blob directory cannot be created.
+    #[error("blob directory {path}: {source}")]
+    Blobs {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// Loads the schema, opens storage, brings Ferry's tables and the app tables up to date, and
@@ -53,7 +62,11 @@ pub async fn prepare_with_hooks(
 ) -> Result<http::AppState, StartError> {
     let auth = Arc::new(Auth::from_args(auth)?);
     let (store, schema) = open(storage).await?;
-    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None })
+    let dir = storage.blob_dir.clone().unwrap_or_else(|| blobs::default_dir(&storage.database));
+    let fs = blobs::FsBlobStore::open(&dir)
+        .map_err(|source| StartError::Blobs { path: dir.display().to_string(), source })?;
+    let blobs = blobs::Blobs::new(Arc::new(fs));
+    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None, blobs })
 }
 
 /// Loads the schema file, opens storage, and brings Ferry's tables and the app tables up to date.

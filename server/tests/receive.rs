@@ -26,7 +26,7 @@ struct Harness {
 
 async fn harness(backend: Backend) -> Option<Harness> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database: database.clone(), schema: None };
+    let storage = StorageArgs { database: database.clone(), schema: None, blob_dir: None };
     let auth = AuthArgs::secret(SECRET);
     let state = ferry_server::prepare(&storage, Limits::default(), &auth).await.unwrap();
     let app = ferry_server::http::router(state.clone());

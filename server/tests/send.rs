@@ -28,7 +28,7 @@ struct Harness {
 
 async fn harness_with(backend: Backend, hooks: Arc<dyn Hooks>) -> Option<Harness> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database, schema: None };
+    let storage = StorageArgs { database, schema: None, blob_dir: None };
     let auth = AuthArgs::secret(SECRET);
     let state = ferry_server::prepare_with_hooks(&storage, Limits::default(), &auth, hooks).await.unwrap();
     let token = state.auth.issue("alice", Duration::from_secs(600)).unwrap();

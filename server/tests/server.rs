@@ -16,7 +16,7 @@ const SECRET: &str = "test-secret-test-secret-test-secret!";
 
 async fn state(backend: Backend) -> Option<ferry_server::http::AppState> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database, schema: None };
+    let storage = StorageArgs { database, schema: None, blob_dir: None };
     let auth = AuthArgs::secret(SECRET);
     Some(ferry_server::prepare(&storage, Limits::default(), &auth).await.expect("server prepares"))
 }

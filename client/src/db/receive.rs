@@ -170,11 +170,9 @@ fn table_index(schema: &Schema, name: &str) -> Result<usize> {
 }
 
 fn has_local_change(conn: &Connection, table: &str, pk: &str) -> Result<bool> {
-    Ok(conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM ferry_log WHERE tbl = ?1 AND pk = ?2)",
-        params![table, pk],
-        |r| r.get(0),
-    )?)
+    Ok(conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM ferry_log WHERE tbl = ?1 AND pk = ?2)")?
+        .query_row(params![table, pk], |r| r.get(0))?)
 }
 
 /// Applies one page: upserts parents first, then removals children first. Capture must be off.
@@ -241,11 +239,11 @@ fn apply_rows(
         let row: Row = rows.columns.iter().cloned().zip(values.iter().cloned()).collect();
         upsert_row(conn, table, &row)?;
         let version = i64::try_from(*version).map_err(|_| Error::Corrupt(format!("row version {version}")))?;
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO ferry_versions(tbl, pk, version) VALUES (?1, ?2, ?3)
              ON CONFLICT(tbl, pk) DO UPDATE SET version = excluded.version",
-            params![table.name, pk, version],
-        )?;
+        )?
+        .execute(params![table.name, pk, version])?;
         stats.rows_upserted += 1;
     }
     Ok(())

@@ -102,6 +102,20 @@ pub fn key_from_json(table: &Table, json: &str) -> Result<Key> {
 /// The JSON text of a key exactly as the triggers write it (`json_array(...)` computed by SQLite,
 /// bytes as upper-case hex), for comparisons with `ferry_log.pk` and `ferry_versions.pk`.
 pub fn key_json(conn: &Connection, key: &Key) -> Result<String> {
+    // The common shapes need no round trip to SQLite: integers, and texts that need no escaping
+    // print the same as SQLite's json_array prints them.
+    let plain = |t: &str| t.chars().all(|c| c != '"' && c != '\\' && !c.is_control());
+    if key.0.iter().all(|v| matches!(v, Value::Integer(_)) || matches!(v, Value::Text(t) if plain(t))) {
+        let items: Vec<String> = key
+            .0
+            .iter()
+            .map(|v| match v {
+                Value::Text(t) => format!("\"{t}\""),
+                other => other.to_string(),
+            })
+            .collect();
+        return Ok(format!("[{}]", items.join(",")));
+    }
     let placeholders = vec!["?"; key.0.len()].join(", ");
     let params: Vec<SqlValue> = key
         .0
@@ -151,6 +165,36 @@ pub fn upsert_row(conn: &Connection, table: &Table, row: &Row) -> Result<()> {
         "INSERT INTO {}({names}) VALUES ({placeholders}) ON CONFLICT({pk}) {conflict}",
         crate::db::quote(&table.name)
     );
-    conn.execute(&sql, rusqlite::params_from_iter(cols.iter().map(|(_, v)| to_sql(v))))?;
+    // The statement text is the same for every row of a table: prepare it once per connection.
+    conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(cols.iter().map(|(_, v)| to_sql(v))))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod key_text_tests {
+    use super::*;
+
+    /// Keys built in Rust must print exactly as the capture triggers' `json_array` prints them.
+    #[test]
+    fn rust_key_text_matches_sqlite_json_array() {
+        let conn = Connection::open_in_memory().expect("sqlite");
+        let keys = [
+            Key(vec![Value::Integer(5)]),
+            Key(vec![Value::Integer(-12), Value::Text("a b".into())]),
+            Key(vec![Value::Text("ünïcode ✓".into())]),
+            Key(vec![Value::Integer(i64::MIN), Value::Integer(i64::MAX)]),
+            Key(vec![Value::Text("needs \"escaping\"\n".into())]),
+        ];
+        for key in keys {
+            let ours = key_json(&conn, &key).expect("key text");
+            let params: Vec<SqlValue> = key.0.iter().map(to_sql).collect();
+            let placeholders = vec!["?"; key.0.len()].join(", ");
+            let sqlite: String = conn
+                .query_row(&format!("SELECT json_array({placeholders})"), rusqlite::params_from_iter(params), |r| {
+                    r.get(0)
+                })
+                .expect("json_array");
+            assert_eq!(ours, sqlite, "{key:?}");
+        }
+    }
 }

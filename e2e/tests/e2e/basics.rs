@@ -47,3 +47,26 @@ backend_tests! {
         assert_eq!(health.status(), 200, "restarted server (was {first})");
     }
 }
+
+backend_tests! {
+    async fn metrics_expose_the_named_series_after_a_sync(backend) {
+        let Some(server) = start(backend).await else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let config = ferry_client::ClientConfig { token: Some(token("alice")), ..ferry_client::ClientConfig::new(&server.url) };
+        let device = ferry_client::Client::open(dir.path().join("d.db"), config).unwrap();
+        device.connect_schema().await.unwrap();
+        device.transaction(|tx| tx.execute("INSERT INTO customer (name) VALUES ('Ada')", []).map(drop)).unwrap();
+        device.sync().await.unwrap();
+        let text = reqwest::get(format!("{}/metrics", server.url)).await.unwrap().text().await.unwrap();
+        for series in [
+            "ferry_batches_total{result=\"applied\"}",
+            "ferry_events_total{table=\"customer\",outcome=\"applied\"}",
+            "ferry_key_remaps_total",
+            "ferry_rows_received_total{kind=\"upsert\"}",
+            "ferry_http_request_duration_seconds_bucket{route=\"/v1/batches\"",
+            "ferry_http_requests_total{route=\"/v1/changes\",status=\"200\"}",
+        ] {
+            assert!(text.contains(series), "missing {series} in:\n{text}");
+        }
+    }
+}

@@ -5,4 +5,7 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod basics;
+mod blobs;
+mod receive;
+mod security;
 mod send;

@@ -49,6 +49,7 @@ pub async fn apply_batch<T: ApplyTx>(
     user_id: &str,
     mut batch: Batch,
     hooks: &dyn Hooks,
+    blobs: Option<&crate::blobs::Blobs>,
 ) -> Result<BatchResult, ApplyError> {
     let mut device = tx.lock_device(&batch.device_id, user_id).await?;
     if device.user_id != user_id {
@@ -84,7 +85,7 @@ pub async fn apply_batch<T: ApplyTx>(
     let ctx = BatchContext { user_id: user_id.into(), device_id: batch.device_id.clone(), batch_seq: batch.batch_seq };
     let digest = batch.digest;
     hooks.before_batch(&ctx, &mut batch);
-    let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default() };
+    let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default(), blobs };
     let events = std::mem::take(&mut batch.events);
     let mut outcomes = Vec::with_capacity(events.len());
     let mut aborted = false;
@@ -173,6 +174,8 @@ struct Run<'a> {
     schema: &'a Schema,
     device_id: &'a str,
     state: RunState,
+    /// Where referenced blobs must be complete; `None` (no blob store): every reference is missing.
+    blobs: Option<&'a crate::blobs::Blobs>,
 }
 
 /// The outcome of one event before hooks see it; `Err` aborts the batch.
@@ -257,6 +260,9 @@ impl Run<'_> {
             Ok(values) => values,
             Err(f) => return Ok(Outcome::Failed(f)),
         };
+        if let Some(f) = self.missing_blob(&values).await? {
+            return Ok(Outcome::Failed(f));
+        }
         // Translate temporary keys (the row's own, for update/delete; foreign keys always).
         let key = if event.op == Op::Insert {
             event.key.clone()
@@ -324,6 +330,26 @@ impl Run<'_> {
             }
             Err(WriteError::Store(e)) => Err(e),
         }
+    }
+
+    /// A `blob_missing` failure for the first blob reference that is not complete on the server.
+    async fn missing_blob(&self, values: &Row) -> Result<Option<Failure>, StoreError> {
+        for (column, value) in values {
+            let Value::Blob(blob) = value else { continue };
+            let complete = match &self.blobs {
+                Some(blobs) => blobs.is_complete(&blob.sha256).await.map_err(|e| StoreError::Database(e.into()))?,
+                None => false,
+            };
+            if !complete {
+                let mut f = failure(
+                    FailureCode::BlobMissing,
+                    format!("blob {} is not on the server in full; upload it first", blob.sha256),
+                );
+                f.column = Some(column.clone());
+                return Ok(Some(f));
+            }
+        }
+        Ok(None)
     }
 
     async fn real_key<T: ApplyTx>(&self, tx: &mut T, table: &str, temp: i64) -> Result<Option<i64>, StoreError> {

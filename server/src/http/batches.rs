@@ -42,12 +42,14 @@ async fn post_batch(
         }
     };
     let hooks = state.hooks.as_ref();
+    // Blob references must be complete in the blob store (R14).
+    let blobs = Some(&state.blobs);
     let result = match &state.store {
         Store::Sqlite(s) => {
-            apply::apply_batch(s.begin_apply().await?, schema, compatible, &user.id, batch, hooks).await
+            apply::apply_batch(s.begin_apply().await?, schema, compatible, &user.id, batch, hooks, blobs).await
         }
         Store::Postgres(p) => {
-            apply::apply_batch(p.begin_apply().await?, schema, compatible, &user.id, batch, hooks).await
+            apply::apply_batch(p.begin_apply().await?, schema, compatible, &user.id, batch, hooks, blobs).await
         }
     };
     match result {

@@ -5,6 +5,7 @@ pub mod error;
 pub mod wire;
 
 mod batches;
+mod blobs;
 mod changes;
 mod health;
 mod schema;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub hooks: Arc<dyn Hooks>,
     /// Renders `/metrics` when the Prometheus recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Blob storage (R14).
+    pub blobs: crate::blobs::Blobs,
 }
 
 /// The complete router.
@@ -48,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .merge(schema::routes())
         .merge(batches::routes())
         .merge(changes::routes())
+        .merge(blobs::routes())
         .route("/metrics", axum::routing::get(render_metrics))
         // Bodies are limited (with a typed 413) by the `Wire` extractor instead.
         .layer(DefaultBodyLimit::disable())

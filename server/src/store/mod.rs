@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod apply_tx;
+pub mod blobs;
 pub mod feed;
 pub mod pg;
 pub mod sqlite;
