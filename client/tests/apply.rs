@@ -285,3 +285,47 @@ fn not_applied_events_go_back_to_pending_and_images_insert_absent_rows() {
     assert_eq!(b2.batch_seq, 2);
     assert_eq!(b2.events, b.events);
 }
+
+#[test]
+fn a_local_transaction_larger_than_the_read_window_still_travels_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("http://127.0.0.1:9");
+    cfg.batch_limits = ferry_client::BatchLimits { max_events: 10, ..Default::default() };
+    let c = Client::open(dir.path().join("d.db"), cfg).unwrap();
+    c.install_schema(&schema()).unwrap();
+    // 100 events in one local transaction: far more than the cut's read window (2 × 10).
+    c.transaction(|tx| {
+        for i in 0..100 {
+            tx.execute("INSERT INTO customer(name) VALUES (?1)", [format!("c{i}")])?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    for i in 0..25 {
+        c.transaction(|tx| tx.execute("INSERT INTO customer(name) VALUES (?1)", [format!("d{i}")])).unwrap();
+    }
+    let first = c.next_batch().unwrap().unwrap();
+    assert_eq!(first.events.len(), 100, "the big transaction goes whole, alone");
+    assert!(first.events.iter().all(|e| e.tx == first.events[0].tx));
+    c.apply_result(&BatchResult {
+        batch_seq: first.batch_seq,
+        outcomes: first.events.iter().map(|e| applied(e.seq)).collect(),
+        remaps: vec![],
+        images: vec![],
+    })
+    .unwrap();
+    let sizes: Vec<usize> = std::iter::from_fn(|| {
+        let b = c.next_batch().unwrap()?;
+        let n = b.events.len();
+        c.apply_result(&BatchResult {
+            batch_seq: b.batch_seq,
+            outcomes: b.events.iter().map(|e| applied(e.seq)).collect(),
+            remaps: vec![],
+            images: vec![],
+        })
+        .unwrap();
+        Some(n)
+    })
+    .collect();
+    assert_eq!(sizes, [10, 10, 5]);
+}

@@ -155,10 +155,15 @@ fn to_event(schema: &Schema, e: &RawEntry) -> Result<Event> {
 /// The entries `send` may batch, in device order: pending events and checkpoints. Rejected and
 /// in-flight events are skipped (rejected ones stay in the log until retried or discarded).
 pub fn pending_entries(conn: &Connection, schema: &Schema) -> Result<Vec<LogEntry>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE status = 'pending' OR kind = 'checkpoint' ORDER BY seq"
+    pending_window(conn, schema, i64::MAX)
+}
+
+/// The first `limit` entries of [`pending_entries`].
+fn pending_window(conn: &Connection, schema: &Schema, limit: i64) -> Result<Vec<LogEntry>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE status = 'pending' OR kind = 'checkpoint' ORDER BY seq LIMIT ?1"
     ))?;
-    let rows = stmt.query_map([], raw)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = stmt.query_map([limit], raw)?.collect::<Result<Vec<_>, _>>()?;
     rows.iter()
         .map(|e| {
             if e.kind == "checkpoint" {
@@ -317,7 +322,17 @@ pub fn prepare_next_batch(
         return Ok(Some(batch));
     }
     let tx = conn.transaction()?;
-    let entries = pending_entries(&tx, schema)?;
+    // Read only as much of the log as the next cut needs: a window a little larger than a batch,
+    // grown while the cut reaches its end (a local transaction may continue past it), so cutting
+    // costs the batch's size, not the backlog's.
+    let mut window = limits.max_events.saturating_mul(2).max(64) as i64;
+    let entries = loop {
+        let entries = pending_window(&tx, schema, window)?;
+        if (entries.len() as i64) < window || cut_fits(&entries, limits) {
+            break entries;
+        }
+        window = window.saturating_mul(2);
+    };
     let mut rest = entries.as_slice();
     let batch = loop {
         let cut = crate::engine::batcher::next_batch(rest, limits);
@@ -347,11 +362,11 @@ pub fn prepare_next_batch(
     }
     let batch_seq = crate::db::next_batch_seq(&tx)?;
     let device_id = crate::db::device_id(&tx)?;
-    for ev in &batch {
-        tx.execute(
-            "UPDATE ferry_log SET status = 'in_flight', batch_seq = ?1 WHERE seq = ?2",
-            params![batch_seq as i64, ev.seq as i64],
-        )?;
+    {
+        let mut mark = tx.prepare_cached("UPDATE ferry_log SET status = 'in_flight', batch_seq = ?1 WHERE seq = ?2")?;
+        for ev in &batch {
+            mark.execute(params![batch_seq as i64, ev.seq as i64])?;
+        }
     }
     let batch = ferry_protocol::Batch::new(device_id, batch_seq, schema.version.clone(), batch);
     let body = postcard::to_stdvec(&batch).map_err(|e| Error::Corrupt(format!("encoding batch: {e}")))?;
@@ -359,6 +374,19 @@ pub fn prepare_next_batch(
     crate::db::meta_set(&tx, "next_batch_seq", &(batch_seq + 1).to_string())?;
     tx.commit()?;
     Ok(Some(batch))
+}
+
+/// Whether the next batch cut from `entries` (leading checkpoints skipped) ends before the last
+/// entry, so that entries beyond them cannot change it.
+fn cut_fits(entries: &[LogEntry], limits: &crate::engine::batcher::BatchLimits) -> bool {
+    let mut rest = entries;
+    loop {
+        let cut = crate::engine::batcher::next_batch(rest, limits);
+        if cut.events > 0 || cut.consumed == 0 {
+            return cut.consumed < rest.len();
+        }
+        rest = &rest[cut.consumed..];
+    }
 }
 
 /// The stored in-flight batch, if any.

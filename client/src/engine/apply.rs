@@ -27,7 +27,8 @@ pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult
         let seq = i64::try_from(o.seq).map_err(|_| Error::ResultMismatch(format!("seq {}", o.seq)))?;
         match &o.outcome {
             Outcome::Applied => {
-                tx.execute("DELETE FROM ferry_log WHERE seq = ?1 AND batch_seq = ?2", params![seq, batch_seq])?;
+                tx.prepare_cached("DELETE FROM ferry_log WHERE seq = ?1 AND batch_seq = ?2")?
+                    .execute(params![seq, batch_seq])?;
             }
             Outcome::Failed(f) => {
                 let status = if f.code == FailureCode::DependencyFailed { "dependency_rejected" } else { "rejected" };
@@ -58,9 +59,7 @@ pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult
         "UPDATE ferry_log SET status = 'pending', batch_seq = NULL WHERE batch_seq = ?1 AND status = 'in_flight'",
         [batch_seq],
     )?;
-    for remap in &result.remaps {
-        apply_remap(&tx, schema, remap)?;
-    }
+    apply_remaps(&tx, schema, &result.remaps)?;
     for image in &result.images {
         apply_image(&tx, schema, image)?;
     }
@@ -77,49 +76,78 @@ fn single_int(key: &Key) -> Option<i64> {
     }
 }
 
-/// Rewrites a temporary key to the real one everywhere on the device (R4). Capture must be off.
-pub fn apply_remap(conn: &Connection, schema: &Schema, remap: &KeyRemap) -> Result<()> {
-    let table = schema.table(&remap.table).ok_or_else(|| Error::NotInSchema(format!("table {}", remap.table)))?;
-    let (Some(temp), Some(real)) = (single_int(&remap.temporary), single_int(&remap.real)) else {
-        return Err(Error::ResultMismatch(format!("remap of {} is not a single integer key", remap.table)));
-    };
-    let [key_col] = table.primary_key.as_slice() else {
-        return Err(Error::ResultMismatch(format!("remap of {}, which has a composite key", remap.table)));
-    };
-    if temp == real {
+/// Rewrites temporary keys to the real ones everywhere on the device (R4): the rows (children
+/// follow by `ON UPDATE CASCADE`), the rows' own pending events and versions, and every pending
+/// event of a child table whose foreign key holds a temporary key. Set-based: one statement per
+/// table, foreign key and field for the whole batch, whatever the number of remaps. Capture must
+/// be off.
+pub fn apply_remaps(conn: &Connection, schema: &Schema, remaps: &[KeyRemap]) -> Result<()> {
+    if remaps.is_empty() {
         return Ok(());
     }
-    // The row itself; children follow by ON UPDATE CASCADE.
-    conn.execute(
-        &format!("UPDATE {t} SET {k} = ?1 WHERE {k} = ?2", t = quote(&table.name), k = quote(key_col)),
-        params![real, temp],
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS ferry_remap(
+           tbl TEXT NOT NULL, temp INTEGER NOT NULL, real INTEGER NOT NULL, PRIMARY KEY (tbl, temp));
+         DELETE FROM temp.ferry_remap;",
     )?;
-    let temp_pk = key_json(conn, &remap.temporary)?;
-    let real_pk = key_json(conn, &remap.real)?;
-    conn.execute(
-        &format!(
-            "UPDATE ferry_log SET pk = ?1,
-               new_row = CASE WHEN new_row IS NULL THEN NULL ELSE json_set(new_row, '$.{key_col}', ?2) END
-             WHERE tbl = ?3 AND pk = ?4"
-        ),
-        params![real_pk, real, table.name, temp_pk],
-    )?;
-    conn.execute(
-        "UPDATE ferry_versions SET pk = ?1 WHERE tbl = ?2 AND pk = ?3",
-        params![real_pk, table.name, temp_pk],
-    )?;
-    // Every log entry of a child table whose foreign key holds the temporary key.
-    for child in &schema.tables {
-        for fk in child.foreign_keys.iter().filter(|f| f.references == table.name) {
-            let path = format!("$.{}", fk.column);
-            for field in ["new_row", "previous"] {
-                conn.execute(
-                    &format!(
-                        "UPDATE ferry_log SET {field} = json_set({field}, ?1, ?2)
-                         WHERE tbl = ?3 AND {field} IS NOT NULL AND json_extract({field}, ?1) = ?4"
-                    ),
-                    params![path, real, child.name, temp],
-                )?;
+    let mut tables = Vec::new();
+    {
+        let mut insert =
+            conn.prepare_cached("INSERT OR REPLACE INTO temp.ferry_remap(tbl, temp, real) VALUES (?1, ?2, ?3)")?;
+        for remap in remaps {
+            let table =
+                schema.table(&remap.table).ok_or_else(|| Error::NotInSchema(format!("table {}", remap.table)))?;
+            let (Some(temp), Some(real)) = (single_int(&remap.temporary), single_int(&remap.real)) else {
+                return Err(Error::ResultMismatch(format!("remap of {} is not a single integer key", remap.table)));
+            };
+            if table.primary_key.len() != 1 {
+                return Err(Error::ResultMismatch(format!("remap of {}, which has a composite key", remap.table)));
+            }
+            if temp != real {
+                insert.execute(params![table.name, temp, real])?;
+                if !tables.iter().any(|t: &&ferry_protocol::Table| t.name == table.name) {
+                    tables.push(table);
+                }
+            }
+        }
+    }
+    for table in tables {
+        let (t, k, name) = (quote(&table.name), quote(&table.primary_key[0]), &table.name);
+        let key_col = &table.primary_key[0];
+        conn.execute(
+            &format!(
+                "UPDATE {t} SET {k} = (SELECT real FROM temp.ferry_remap r WHERE r.tbl = ?1 AND r.temp = {t}.{k})
+                 WHERE {k} IN (SELECT temp FROM temp.ferry_remap WHERE tbl = ?1)"
+            ),
+            [name],
+        )?;
+        conn.execute(
+            &format!(
+                "UPDATE ferry_log SET pk = json_array(r.real),
+                   new_row = CASE WHEN new_row IS NULL THEN NULL ELSE json_set(new_row, '$.{key_col}', r.real) END
+                 FROM temp.ferry_remap r
+                 WHERE ferry_log.tbl = ?1 AND r.tbl = ?1 AND ferry_log.pk = json_array(r.temp)"
+            ),
+            [name],
+        )?;
+        conn.execute(
+            "UPDATE ferry_versions SET pk = json_array(r.real) FROM temp.ferry_remap r
+             WHERE ferry_versions.tbl = ?1 AND r.tbl = ?1 AND ferry_versions.pk = json_array(r.temp)",
+            [name],
+        )?;
+        for child in &schema.tables {
+            for fk in child.foreign_keys.iter().filter(|f| &f.references == name) {
+                let path = format!("$.{}", fk.column);
+                for field in ["new_row", "previous"] {
+                    conn.execute(
+                        &format!(
+                            "UPDATE ferry_log SET {field} = json_set({field}, ?1, r.real) FROM temp.ferry_remap r
+                             WHERE ferry_log.tbl = ?2 AND r.tbl = ?3 AND ferry_log.{field} IS NOT NULL
+                               AND json_extract(ferry_log.{field}, ?1) = r.temp"
+                        ),
+                        params![path, child.name, name],
+                    )?;
+                }
             }
         }
     }
@@ -132,15 +160,14 @@ pub fn apply_image(conn: &Connection, schema: &Schema, image: &RowImage) -> Resu
     let table = schema.table(&image.table).ok_or_else(|| Error::NotInSchema(format!("table {}", image.table)))?;
     let pk = key_json(conn, &image.key)?;
     let version = i64::try_from(image.version).map_err(|_| Error::ResultMismatch("row version".into()))?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO ferry_versions(tbl, pk, version) VALUES (?1, ?2, ?3)
          ON CONFLICT(tbl, pk) DO UPDATE SET version = excluded.version",
-        params![table.name, pk, version],
-    )?;
+    )?
+    .execute(params![table.name, pk, version])?;
     let local_change: Option<i64> = conn
-        .query_row("SELECT seq FROM ferry_log WHERE tbl = ?1 AND pk = ?2 LIMIT 1", params![table.name, pk], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT seq FROM ferry_log WHERE tbl = ?1 AND pk = ?2 LIMIT 1")?
+        .query_row(params![table.name, pk], |r| r.get(0))
         .optional()?;
     if local_change.is_some() {
         return Ok(());

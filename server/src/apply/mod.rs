@@ -20,7 +20,7 @@ use ferry_protocol::{
 
 use crate::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks};
 use crate::store::StoreError;
-use crate::store::apply_tx::{ApplyTx, Savepoint, WriteError};
+use crate::store::apply_tx::{AppliedEvent, ApplyTx, Savepoint, WriteError};
 
 /// Why a batch as a whole was refused (nothing was applied).
 #[derive(Debug, thiserror::Error)]
@@ -98,8 +98,7 @@ pub async fn apply_batch<T: ApplyTx>(
             let f = failure(FailureCode::UpgradeRequired, format!("recorded under an older schema: {reason}"));
             vec![Outcome::Failed(f); group.len()]
         } else {
-            let (group_outcomes, abort) =
-                run.apply_local_transaction(&mut tx, &ctx, batch.batch_seq, group, hooks).await?;
+            let (group_outcomes, abort) = run.apply_local_transaction(&mut tx, &ctx, group, hooks).await?;
             aborted = abort;
             group_outcomes
         };
@@ -114,6 +113,7 @@ pub async fn apply_batch<T: ApplyTx>(
             outcomes.push(EventOutcome { seq: event.seq, outcome });
         }
     }
+    tx.log_applied(&batch.device_id, batch.batch_seq, &run.state.applied).await?;
     let result =
         BatchResult { batch_seq: batch.batch_seq, outcomes, remaps: run.state.remaps, images: run.state.images };
     hooks.after_batch(&ctx, &result);
@@ -145,6 +145,8 @@ struct RunState {
     assigned_order: Vec<(String, i64)>,
     remaps: Vec<KeyRemap>,
     images: Vec<RowImage>,
+    /// Applied events, written to the apply log once per batch.
+    applied: Vec<AppliedEvent>,
 }
 
 /// How much of [`RunState`] existed before a local transaction began.
@@ -153,11 +155,17 @@ struct Mark {
     assigned: usize,
     remaps: usize,
     images: usize,
+    applied: usize,
 }
 
 impl RunState {
     fn mark(&self) -> Mark {
-        Mark { assigned: self.assigned_order.len(), remaps: self.remaps.len(), images: self.images.len() }
+        Mark {
+            assigned: self.assigned_order.len(),
+            remaps: self.remaps.len(),
+            images: self.images.len(),
+            applied: self.applied.len(),
+        }
     }
 
     /// Forgets what a rolled-back local transaction produced.
@@ -167,6 +175,7 @@ impl RunState {
         }
         self.remaps.truncate(mark.remaps);
         self.images.truncate(mark.images);
+        self.applied.truncate(mark.applied);
     }
 }
 
@@ -189,7 +198,6 @@ impl Run<'_> {
         &mut self,
         tx: &mut T,
         ctx: &BatchContext,
-        batch_seq: u64,
         group: &[Event],
         hooks: &dyn Hooks,
     ) -> Result<(Vec<Outcome>, bool), StoreError> {
@@ -204,7 +212,7 @@ impl Run<'_> {
             let mut event = event.clone();
             let outcome = match hooks.before_event(ctx, &mut event) {
                 EventVerdict::Reject(message) => Outcome::Failed(failure(FailureCode::Validation, message)),
-                EventVerdict::Apply => self.apply_event(tx, batch_seq, &event).await?,
+                EventVerdict::Apply => self.apply_event(tx, &event).await?,
             };
             if let Outcome::Failed(f) = outcome {
                 if grouped {
@@ -238,7 +246,7 @@ impl Run<'_> {
         Ok((vec![Outcome::Applied; group.len()], false))
     }
 
-    async fn apply_event<T: ApplyTx>(&mut self, tx: &mut T, batch_seq: u64, event: &Event) -> EventResult {
+    async fn apply_event<T: ApplyTx>(&mut self, tx: &mut T, event: &Event) -> EventResult {
         let Some(table) = self.schema.table(&event.table) else {
             return Ok(Outcome::Failed(failure(
                 FailureCode::UnknownTable,
@@ -309,7 +317,11 @@ impl Run<'_> {
                 {
                     self.state.images.push(RowImage { table: table.name.clone(), key: image_key, version, values });
                 }
-                tx.log_applied(self.device_id, batch_seq, event.seq, &table.name, event.op.as_str()).await?;
+                self.state.applied.push(AppliedEvent {
+                    seq: event.seq,
+                    table: table.name.clone(),
+                    op: event.op.as_str(),
+                });
                 Ok(Outcome::Applied)
             }
             Ok(Written::Failed(f)) => {

@@ -36,6 +36,20 @@ pub enum WriteError {
     Store(#[from] StoreError),
 }
 
+/// One applied event, for the apply log.
+#[derive(Debug, Clone)]
+pub struct AppliedEvent {
+    /// The event's device sequence number.
+    pub seq: u64,
+    /// Its table.
+    pub table: String,
+    /// Its operation (`insert`, `update`, `delete`).
+    pub op: &'static str,
+}
+
+/// Rows per multi-row apply-log insert (5 parameters each: well under both backends' limits).
+pub(crate) const APPLY_LOG_CHUNK: usize = 500;
+
 /// The savepoints the apply engine uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Savepoint {
@@ -113,14 +127,13 @@ pub trait ApplyTx: Send {
         key: &Key,
     ) -> impl Future<Output = Result<Option<(Row, u64)>, StoreError>> + Send;
 
-    /// Appends to the apply log (evidence of exactly-once, in order).
+    /// Appends the batch's applied events to the apply log (evidence of exactly-once, in order),
+    /// with as few statements as the backend's parameter limit allows.
     fn log_applied(
         &mut self,
         device_id: &str,
         batch_seq: u64,
-        event_seq: u64,
-        table: &str,
-        op: &str,
+        applied: &[AppliedEvent],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Commits everything: the events' effects, the key map, the device state and the stored result.

@@ -119,7 +119,9 @@ use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
 use sqlx::Postgres;
 use sqlx::postgres::PgRow;
 
-use super::apply_tx::{ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns};
+use super::apply_tx::{
+    APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns,
+};
 
 const SQL: RowSql = RowSql { placeholder: |n| format!("${n}") };
 
@@ -329,20 +331,25 @@ impl ApplyTx for PgApplyTx {
         &mut self,
         device_id: &str,
         batch_seq: u64,
-        event_seq: u64,
-        table: &str,
-        op: &str,
+        applied: &[AppliedEvent],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO ferry_apply_log (device_id, batch_seq, event_seq, tbl, op) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(device_id)
-        .bind(batch_seq as i64)
-        .bind(event_seq as i64)
-        .bind(table)
-        .bind(op)
-        .execute(&mut *self.tx)
-        .await?;
+        for chunk in applied.chunks(APPLY_LOG_CHUNK) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO ferry_apply_log (device_id, batch_seq, event_seq, tbl, op) VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for e in chunk {
+                q = q.bind(device_id).bind(batch_seq as i64).bind(e.seq as i64).bind(e.table.as_str()).bind(e.op);
+            }
+            q.execute(&mut *self.tx).await?;
+        }
         Ok(())
     }
 
