@@ -293,6 +293,46 @@ backend_tests! {
         assert_eq!(codes(&r), ["dependency_failed"]);
     }
 
+    async fn writes_must_stay_within_the_users_scope(backend) {
+        let Some(h) = harness(backend).await else { return };
+        // Bob's invoice 50 with line 500; a customer for everyone.
+        h.state.store.execute_admin_sql("INSERT INTO customer (id, name) VALUES (5, 'Shared')").await.unwrap();
+        h.state.store.execute_admin_sql("INSERT INTO invoice (id, customer_id, salesperson_id) VALUES (50, 5, 'bob')").await.unwrap();
+        h.state.store.execute_admin_sql("INSERT INTO invoice_line (id, invoice_id, product_id, qty, price) VALUES (500, 50, 1, 1, 1.5)").await.unwrap();
+        let inv = |seq, temp, who: Option<&str>| {
+            let mut values = vec![("id", int(temp)), ("customer_id", int(5))];
+            if let Some(who) = who {
+                values.push(("salesperson_id", text(who)));
+            }
+            insert(seq, seq, "invoice", temp, &values)
+        };
+        let mut delete_bobs = update(6, 6, "invoice", 50, &[], None);
+        delete_bobs.op = Op::Delete;
+        delete_bobs.values = Row::new();
+        let events = vec![
+            inv(1, -1, Some("bob")),                                            // insert into bob's scope
+            inv(2, -2, None),                                                   // the server fills in alice
+            update(3, 3, "invoice", 50, &[("total", Value::Real(1.0))], None),  // bob's row
+            update(4, 4, "invoice_line", 500, &[("qty", int(2))], None),        // bob's line
+            insert(5, 5, "invoice_line", -5, &[                                 // a line under bob's invoice
+                ("id", int(-5)), ("invoice_id", int(50)), ("product_id", int(1)), ("qty", int(1)), ("price", Value::Real(1.5)),
+            ]),
+            delete_bobs,                                                        // delete bob's invoice
+            update(7, 7, "invoice", -2, &[("salesperson_id", text("bob"))], None), // give my invoice away
+            update(8, 8, "customer", 5, &[("city", text("Rome"))], None),       // everyone's table: fine
+        ];
+        let r = h.send(&h.batch("dev-scope", 1, events)).await.ok();
+        assert_eq!(codes(&r), [
+            "permission", "applied", "permission", "permission", "permission", "permission", "permission", "applied",
+        ]);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice WHERE salesperson_id = 'alice'").await, 1, "filled from the token");
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice WHERE id = 50 AND total IS NULL").await, 1);
+        assert_eq!(h.scalar("SELECT qty FROM invoice_line WHERE id = 500").await, 1);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice_line").await, 1);
+        let Outcome::Failed(f) = &r.outcomes[6].outcome else { panic!() };
+        assert_eq!(f.column.as_deref(), Some("salesperson_id"));
+    }
+
     async fn hostile_events_fail_alone_and_change_nothing(backend) {
         let Some(h) = harness(backend).await else { return };
         let mut no_key = customer(5, 5, -5, "NoKey");

@@ -14,13 +14,14 @@ mod values;
 use std::collections::HashMap;
 
 use ferry_protocol::{
-    Batch, BatchResult, ConflictPolicy, ErrorCode, Event, EventOutcome, Failure, FailureCode, Key, KeyRemap, Op,
-    Outcome, Row, RowImage, Schema, Table, Value,
+    Batch, BatchResult, ColumnType, ConflictPolicy, ErrorCode, Event, EventOutcome, Failure, FailureCode, Key,
+    KeyRemap, Op, Outcome, Row, RowImage, Schema, Scope, Table, Value,
 };
 
 use crate::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks};
 use crate::store::StoreError;
 use crate::store::apply_tx::{AppliedEvent, ApplyTx, Savepoint, WriteError};
+use crate::store::feed::ClaimSource;
 
 /// Why a batch as a whole was refused (nothing was applied).
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,7 @@ pub async fn apply_batch<T: ApplyTx>(
     schema: &Schema,
     compatible: Result<(), String>,
     user_id: &str,
+    claims: &dyn ClaimSource,
     mut batch: Batch,
     hooks: &dyn Hooks,
     blobs: Option<&crate::blobs::Blobs>,
@@ -85,7 +87,7 @@ pub async fn apply_batch<T: ApplyTx>(
     let ctx = BatchContext { user_id: user_id.into(), device_id: batch.device_id.clone(), batch_seq: batch.batch_seq };
     let digest = batch.digest;
     hooks.before_batch(&ctx, &mut batch);
-    let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default(), blobs };
+    let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default(), blobs, claims };
     let events = std::mem::take(&mut batch.events);
     let mut outcomes = Vec::with_capacity(events.len());
     let mut aborted = false;
@@ -131,6 +133,10 @@ pub async fn apply_batch<T: ApplyTx>(
 /// to create series by sending made-up table names).
 fn table_label(schema: &Schema, table: &str) -> String {
     schema.table(table).map_or_else(|| "unknown".to_owned(), |t| t.name.clone())
+}
+
+fn permission(message: String) -> Failure {
+    failure(FailureCode::Permission, message)
 }
 
 fn failure(code: FailureCode, message: impl Into<String>) -> Failure {
@@ -185,6 +191,8 @@ struct Run<'a> {
     state: RunState,
     /// Where referenced blobs must be complete; `None` (no blob store): every reference is missing.
     blobs: Option<&'a crate::blobs::Blobs>,
+    /// The user's token claims: scopes decide which rows they may write (R15).
+    claims: &'a dyn ClaimSource,
 }
 
 /// The outcome of one event before hooks see it; `Err` aborts the batch.
@@ -264,6 +272,22 @@ impl Run<'_> {
                 format!("devices may not {} rows of {}", event.op.as_str(), table.name),
             )));
         }
+        // An insert into a claim-scoped table may leave the scope column to the server (R15).
+        let filled;
+        let event = match (&table.scope, event.op) {
+            (Scope::Claim { column, claim }, Op::Insert)
+                if matches!(event.values.get(column), None | Some(Value::Null)) =>
+            {
+                let Some(value) = self.claim_for(table, column, claim) else {
+                    return Ok(Outcome::Failed(permission(format!("your token carries no {claim:?} claim"))));
+                };
+                let mut e = event.clone();
+                e.values.insert(column.clone(), value);
+                filled = e;
+                &filled
+            }
+            _ => event,
+        };
         let mut values = match values::check(table, event) {
             Ok(values) => values,
             Err(f) => return Ok(Outcome::Failed(f)),
@@ -302,6 +326,9 @@ impl Run<'_> {
                     return Ok(Outcome::Failed(f));
                 }
             }
+        }
+        if let Some(f) = self.authorize(tx, table, event, &key, &values).await? {
+            return Ok(Outcome::Failed(f));
         }
         tx.savepoint(Savepoint::Event).await?;
         let written = match event.op {
@@ -362,6 +389,67 @@ impl Run<'_> {
             }
         }
         Ok(None)
+    }
+
+    /// The user's claim as a value of the scope column's type.
+    fn claim_for(&self, table: &Table, column: &str, claim: &str) -> Option<Value> {
+        let ty = table.column(column)?.ty;
+        match (self.claims.claim(claim)?, ty) {
+            (Value::Text(t), ColumnType::Integer) => t.parse().ok().map(Value::Integer),
+            (Value::Integer(i), ColumnType::Text) => Some(Value::Text(i.to_string())),
+            (v, _) => Some(v),
+        }
+    }
+
+    /// Row-level write authorization (R15): in a scoped table, an update or delete must touch a
+    /// row in the user's scope, and an insert or update must leave the row in it (its claim
+    /// column equal to the user's claim, or its parent in scope).
+    async fn authorize<T: ApplyTx>(
+        &self,
+        tx: &mut T,
+        table: &Table,
+        event: &Event,
+        key: &Key,
+        values: &Row,
+    ) -> Result<Option<Failure>, StoreError> {
+        let outside = || permission(format!("the {} row is outside your scope", table.name));
+        let touches = |column: &str| event.op == Op::Insert || event.changed.iter().any(|c| c == column);
+        match &table.scope {
+            Scope::Everyone | Scope::None => Ok(None),
+            Scope::Claim { column, claim } => {
+                if event.op != Op::Insert && !tx.row_in_scope(self.schema, self.claims, table, key).await? {
+                    return Ok(Some(outside()));
+                }
+                if event.op != Op::Delete && touches(column) {
+                    let mine = self.claim_for(table, column, claim);
+                    if mine.is_none() || values.get(column) != mine.as_ref() {
+                        let mut f = permission(format!("{}.{column} must be your own {claim:?}", table.name));
+                        f.column = Some(column.clone());
+                        return Ok(Some(f));
+                    }
+                }
+                Ok(None)
+            }
+            Scope::Parent { column } => {
+                if event.op != Op::Insert && !tx.row_in_scope(self.schema, self.claims, table, key).await? {
+                    return Ok(Some(outside()));
+                }
+                if event.op != Op::Delete && touches(column) {
+                    let parent = table.foreign_key(column).and_then(|fk| self.schema.table(&fk.references));
+                    let parent_key = values.get(column).cloned().map(|v| Key(vec![v]));
+                    let in_scope = match (parent, parent_key) {
+                        (Some(parent), Some(k)) => tx.row_in_scope(self.schema, self.claims, parent, &k).await?,
+                        _ => false,
+                    };
+                    if !in_scope {
+                        let mut f = permission(format!("the parent of this {} row is outside your scope", table.name));
+                        f.column = Some(column.clone());
+                        return Ok(Some(f));
+                    }
+                }
+                Ok(None)
+            }
+        }
     }
 
     async fn real_key<T: ApplyTx>(&self, tx: &mut T, table: &str, temp: i64) -> Result<Option<i64>, StoreError> {

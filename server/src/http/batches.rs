@@ -46,10 +46,10 @@ async fn post_batch(
     let blobs = Some(&state.blobs);
     let result = match &state.store {
         Store::Sqlite(s) => {
-            apply::apply_batch(s.begin_apply().await?, schema, compatible, &user.id, batch, hooks, blobs).await
+            apply::apply_batch(s.begin_apply().await?, schema, compatible, &user.id, &user, batch, hooks, blobs).await
         }
         Store::Postgres(p) => {
-            apply::apply_batch(p.begin_apply().await?, schema, compatible, &user.id, batch, hooks, blobs).await
+            apply::apply_batch(p.begin_apply().await?, schema, compatible, &user.id, &user, batch, hooks, blobs).await
         }
     };
     match result {

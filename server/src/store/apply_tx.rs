@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-use ferry_protocol::{Column, Key, Row, Table, Value};
+use ferry_protocol::{Column, Key, Row, Schema, Table, Value};
+
+use super::feed::ClaimSource;
 
 use super::StoreError;
 
@@ -126,6 +128,15 @@ pub trait ApplyTx: Send {
         table: &Table,
         key: &Key,
     ) -> impl Future<Output = Result<Option<(Row, u64)>, StoreError>> + Send;
+
+    /// Whether the row of `table` with `key` exists and is in the scope of the user with `claims`.
+    fn row_in_scope(
+        &mut self,
+        schema: &Schema,
+        claims: &dyn ClaimSource,
+        table: &Table,
+        key: &Key,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Appends the batch's applied events to the apply log (evidence of exactly-once, in order),
     /// with as few statements as the backend's parameter limit allows.

@@ -224,6 +224,25 @@ impl<'a> FeedSql<'a> {
         )
     }
 
+    /// `SELECT EXISTS(…)`: whether the row of `table` with `key` exists and is in the user's scope.
+    pub fn row_in_scope(&mut self, table: &Table, key: &ferry_protocol::Key) -> String {
+        let scope = self.in_scope(table, "t");
+        let conds: Vec<String> = table
+            .primary_key
+            .iter()
+            .zip(&key.0)
+            .map(|(c, v)| {
+                let p = self.param(match v {
+                    Value::Integer(i) => Param::Int(*i),
+                    Value::Text(t) => Param::Text(t.clone()),
+                    other => Param::Text(other.to_string()),
+                });
+                format!("t.{} = {p}", quote(c))
+            })
+            .collect();
+        format!("SELECT EXISTS(SELECT 1 FROM {} t WHERE {} AND {scope})", quote(&table.name), conds.join(" AND "))
+    }
+
     /// How many candidates the table has in the range.
     pub fn count(&mut self, table: &Table, range: FeedRange) -> String {
         let cand = self.candidates(table, range);

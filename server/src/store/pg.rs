@@ -353,6 +353,22 @@ impl ApplyTx for PgApplyTx {
         Ok(())
     }
 
+    async fn row_in_scope(
+        &mut self,
+        schema: &ferry_protocol::Schema,
+        claims: &dyn super::feed::ClaimSource,
+        table: &Table,
+        key: &Key,
+    ) -> Result<bool, StoreError> {
+        let (sql, params) = {
+            let mut builder = super::feed::FeedSql::new(super::Backend::Postgres, schema, claims);
+            let sql = builder.row_in_scope(table, key);
+            (sql, builder.params)
+        };
+        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&mut *self.tx).await?;
+        Ok(row.try_get::<bool, _>(0)?)
+    }
+
     async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
