@@ -41,18 +41,29 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
-/// Applies `batch` for `user_id`. `schema` is the schema being served; `compatible` says whether
-/// events recorded under the batch's schema version can be applied (R17).
+/// What a batch is applied against, and for whom.
+pub struct ApplyContext<'a> {
+    /// The schema being served.
+    pub schema: &'a Schema,
+    /// Whether events recorded under the batch's schema version can be applied (R17).
+    pub compatible: Result<(), String>,
+    /// The authenticated user (devices are bound to their first user).
+    pub user_id: &'a str,
+    /// The user's token claims (row-level authorization by scope).
+    pub claims: &'a dyn ClaimSource,
+    /// Business-rule hooks.
+    pub hooks: &'a dyn Hooks,
+    /// The blob store referenced blobs must be complete in (`None`: every reference is missing).
+    pub blobs: Option<&'a crate::blobs::Blobs>,
+}
+
+/// Applies `batch` in `tx` for the user and against the schema that `ctx` names.
 pub async fn apply_batch<T: ApplyTx>(
     mut tx: T,
-    schema: &Schema,
-    compatible: Result<(), String>,
-    user_id: &str,
-    claims: &dyn ClaimSource,
+    ctx: ApplyContext<'_>,
     mut batch: Batch,
-    hooks: &dyn Hooks,
-    blobs: Option<&crate::blobs::Blobs>,
 ) -> Result<BatchResult, ApplyError> {
+    let ApplyContext { schema, compatible, user_id, claims, hooks, blobs } = ctx;
     let mut device = tx.lock_device(&batch.device_id, user_id).await?;
     if device.user_id != user_id {
         return Err(ApplyError::Refused {

@@ -44,13 +44,10 @@ async fn post_batch(
     let hooks = state.hooks.as_ref();
     // Blob references must be complete in the blob store (R14).
     let blobs = Some(&state.blobs);
+    let ctx = apply::ApplyContext { schema, compatible, user_id: &user.id, claims: &user, hooks, blobs };
     let result = match &state.store {
-        Store::Sqlite(s) => {
-            apply::apply_batch(s.begin_apply().await?, schema, compatible, &user.id, &user, batch, hooks, blobs).await
-        }
-        Store::Postgres(p) => {
-            apply::apply_batch(p.begin_apply().await?, schema, compatible, &user.id, &user, batch, hooks, blobs).await
-        }
+        Store::Sqlite(s) => apply::apply_batch(s.begin_apply().await?, ctx, batch).await,
+        Store::Postgres(p) => apply::apply_batch(p.begin_apply().await?, ctx, batch).await,
     };
     match result {
         Ok(result) => Ok(Reply(encoding, result)),
