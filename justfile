@@ -27,3 +27,7 @@ lint:
 # Throughput figures (see docs/benchmarks.md): `just bench` (quick) or `just bench full`.
 bench MODE="quick":
     cargo run --release -p ferry-e2e --bin ferry-bench -- {{MODE}}
+
+# A field-sales day in under a minute: a server, two devices, offline work, a failure and its fix.
+demo:
+    bash scripts/demo.sh

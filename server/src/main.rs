@@ -62,6 +62,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run operator SQL against the server database (e.g. stock products, which devices may not
+    /// write). Changes made this way reach devices like any other (capture triggers).
+    Sql {
+        /// The SQL (one or more statements).
+        sql: String,
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
     /// Validate a schema file and print its version digest.
     CheckSchema {
         /// The schema file.
@@ -135,6 +143,12 @@ async fn main() -> anyhow::Result<()> {
                     report.tombstones, report.apply_log_entries, report.horizon
                 );
             }
+            Ok(())
+        }
+        Command::Sql { sql, storage } => {
+            let (store, _) = ferry_server::open(&storage).await?;
+            store.execute_admin_sql(&sql).await?;
+            println!("ok");
             Ok(())
         }
         Command::CheckSchema { path } => {
