@@ -90,6 +90,20 @@ impl ServerProcess {
         let _ = self.child.wait();
     }
 
+    /// Asks the process to stop (SIGTERM: graceful shutdown, in-flight requests finish) and
+    /// waits for it to exit; returns whether it exited within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Kills the process and starts a new one on the same database (on a new port).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();

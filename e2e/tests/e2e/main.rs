@@ -6,6 +6,7 @@
 
 mod basics;
 mod blobs;
+mod ops;
 mod receive;
 mod security;
 mod send;
