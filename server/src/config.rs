@@ -120,3 +120,129 @@ impl Default for Limits {
         }
     }
 }
+
+/// Why the configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("configuration file {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a TOML table of settings.
+    #[error("configuration file {path}: {message}")]
+    Invalid {
+        /// The path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Adds the settings of a TOML configuration file (`--config FILE` or `FERRY_CONFIG`) to the
+/// command line, with one precedence order: **flag > environment variable > file > default**.
+///
+/// The file holds `flag_name = value` pairs for the chosen subcommand, e.g.
+/// `listen = "0.0.0.0:8080"`, `database = "postgres://…"`, `max_body_bytes = 1048576`
+/// (names as the flags, `_` or `-`). A setting is added as a flag only when neither the command
+/// line nor its environment variable sets it; a name the subcommand does not know is an error.
+pub fn with_config_file(
+    args: Vec<std::ffi::OsString>,
+    command: &clap::Command,
+) -> Result<Vec<std::ffi::OsString>, ConfigFileError> {
+    let strings: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut path = std::env::var("FERRY_CONFIG").ok().filter(|p| !p.is_empty());
+    let mut rest = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        if strings[i] == "--config" && i + 1 < args.len() {
+            path = Some(strings[i + 1].clone());
+            i += 2;
+            continue;
+        }
+        if let Some(p) = strings[i].strip_prefix("--config=") {
+            path = Some(p.to_string());
+            i += 1;
+            continue;
+        }
+        rest.push(args[i].clone());
+        i += 1;
+    }
+    let Some(path) = path else { return Ok(rest) };
+    let invalid = |message: String| ConfigFileError::Invalid { path: path.clone(), message };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigFileError::Read { path: path.clone(), source })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    // The subcommand is the first argument that names one.
+    let sub = strings.iter().skip(1).find_map(|a| command.find_subcommand(a));
+    let Some(sub) = sub else { return Ok(rest) };
+    let given: Vec<&str> = strings.iter().filter_map(|a| a.strip_prefix("--")).map(|a| a.split('=').next().unwrap_or(a)).collect();
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))
+            .ok_or_else(|| invalid(format!("unknown setting {key:?} for `{}`", sub.get_name())))?;
+        let from_env = arg.get_env().and_then(std::env::var_os).is_some_and(|v| !v.is_empty());
+        if given.contains(&long.as_str()) || from_env {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => return Err(invalid(format!("setting {key:?} must be a string, integer or boolean, not {other}"))),
+        };
+        rest.push(format!("--{long}").into());
+        rest.push(value.into());
+    }
+    Ok(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser, Subcommand};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Sub,
+    }
+
+    #[derive(Subcommand)]
+    enum Sub {
+        Serve(ServeArgs),
+    }
+
+    fn parse(file: &str, cli: &[&str]) -> Result<ServeArgs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, file).map_err(|e| e.to_string())?;
+        let mut args: Vec<std::ffi::OsString> = vec!["ferry-server".into(), "serve".into()];
+        args.extend(cli.iter().map(|a| a.into()));
+        args.push("--config".into());
+        args.push(path.into_os_string());
+        let args = with_config_file(args, &Cli::command()).map_err(|e| e.to_string())?;
+        let Sub::Serve(serve) = Cli::try_parse_from(args).map_err(|e| e.to_string())?.command;
+        Ok(serve)
+    }
+
+    #[test]
+    fn a_file_fills_what_flags_do_not_set() {
+        let serve = parse("listen = \"127.0.0.1:9999\"\nmax_body_bytes = 1234\ndatabase = \"file.db\"", &["--database", "flag.db"])
+            .expect("parses");
+        assert_eq!(serve.listen.port(), 9999);
+        assert_eq!(serve.limits.max_body_bytes, 1234);
+        assert_eq!(serve.storage.database, "flag.db", "a flag wins over the file");
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_errors() {
+        assert!(parse("no_such_setting = 1", &[]).unwrap_err().contains("unknown setting"));
+        assert!(parse("listen = [1, 2]", &[]).is_err());
+        assert!(parse("not toml at all", &[]).is_err());
+    }
+}

@@ -1,7 +1,7 @@
 //! `ferry-server`: the sync server binary (a thin CLI over the `ferry_server` library).
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ferry_server::auth::{Auth, parse_ttl};
 use ferry_server::config::{AuthArgs, ServeArgs, StorageArgs};
 use ferry_server::schema_file::SchemaFile;
@@ -10,6 +10,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(name = "ferry-server", version, about = "Ferry's offline-first sync server")]
 struct Cli {
+    /// A TOML file of settings (`listen = "…"`, `database = "…"`, …); flags and environment
+    /// variables take precedence over it. Also FERRY_CONFIG.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, global = true, env = "FERRY_LOG_FORMAT", default_value = "pretty")]
     log_format: LogFormat,
@@ -90,7 +94,9 @@ enum DevicesAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Settings from a configuration file join the command line below flags and environment.
+    let args = ferry_server::config::with_config_file(std::env::args_os().collect(), &Cli::command())?;
+    let cli = Cli::parse_from(args);
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     match cli.log_format {
         LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).init(),
