@@ -361,17 +361,7 @@ impl Transfer<'_> {
     }
 }
 
-/// The lower-case hex sha256 of a file.
+/// The content address (lower-case hex sha256) of a file: [`ferry_protocol::BlobRef::address_of`].
 pub(crate) fn sha256_of_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    ferry_protocol::BlobRef::address_of(std::fs::File::open(path)?)
 }

@@ -74,6 +74,25 @@ pub struct BlobRef {
     pub media_type: String,
 }
 
+impl BlobRef {
+    /// The content address of a blob: the lower-case hex sha256 of its bytes, read from `content`
+    /// in 64 KiB pieces (memory does not grow with the blob). Devices and the server compute
+    /// addresses with this one definition; clients in other languages compute the same digest.
+    pub fn address_of(mut content: impl std::io::Read) -> std::io::Result<String> {
+        use sha2::Digest as _;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = content.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+}
+
 /// The primary key of a row: the values of the table's primary-key columns, in the order the
 /// schema lists them. Single-column keys have one element; composite keys have several.
 ///

@@ -385,3 +385,13 @@ fn additive_schema_changes_accept_old_events() {
     let breaking = Schema::new(tables).unwrap();
     assert!(breaking.accepts_events_from(&old).unwrap_err().contains("city"));
 }
+
+#[test]
+fn blob_addresses_are_the_sha256_of_the_content() {
+    let empty = BlobRef::address_of(&b""[..]).unwrap();
+    assert_eq!(empty, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    let big = vec![7u8; 200_000]; // several read pieces
+    let piecewise = BlobRef::address_of(&big[..]).unwrap();
+    use sha2::Digest as _;
+    assert_eq!(piecewise, hex::encode(sha2::Sha256::digest(&big)));
+}

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWrite};
 
 /// A boxed future (the trait is object-safe so that stores can be chosen at run time).
@@ -196,20 +195,9 @@ impl BlobStore for FsBlobStore {
     }
 }
 
-/// The lower-case hex sha256 of a file, read with a fixed 64 KiB buffer.
-pub fn sha256_of_file(path: &Path) -> io::Result<String> {
-    use std::io::Read as _;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+/// The content address (lower-case hex sha256) of a file: [`ferry_protocol::BlobRef::address_of`].
+pub fn sha256_of_file(path: &Path) -> std::io::Result<String> {
+    ferry_protocol::BlobRef::address_of(std::fs::File::open(path)?)
 }
 
 /// The blob store the server uses, with the uploads in progress (one writer per address).
