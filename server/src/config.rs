@@ -178,7 +178,8 @@ pub fn with_config_file(
     // The subcommand is the first argument that names one.
     let sub = strings.iter().skip(1).find_map(|a| command.find_subcommand(a));
     let Some(sub) = sub else { return Ok(rest) };
-    let given: Vec<&str> = strings.iter().filter_map(|a| a.strip_prefix("--")).map(|a| a.split('=').next().unwrap_or(a)).collect();
+    let given: Vec<&str> =
+        strings.iter().filter_map(|a| a.strip_prefix("--")).map(|a| a.split('=').next().unwrap_or(a)).collect();
     for (key, value) in table {
         let long = key.replace('_', "-");
         let arg = sub
@@ -232,8 +233,11 @@ mod tests {
 
     #[test]
     fn a_file_fills_what_flags_do_not_set() {
-        let serve = parse("listen = \"127.0.0.1:9999\"\nmax_body_bytes = 1234\ndatabase = \"file.db\"", &["--database", "flag.db"])
-            .expect("parses");
+        let serve = parse(
+            "listen = \"127.0.0.1:9999\"\nmax_body_bytes = 1234\ndatabase = \"file.db\"",
+            &["--database", "flag.db"],
+        )
+        .expect("parses");
         assert_eq!(serve.listen.port(), 9999);
         assert_eq!(serve.limits.max_body_bytes, 1234);
         assert_eq!(serve.storage.database, "flag.db", "a flag wins over the file");

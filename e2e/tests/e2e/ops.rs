@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use ferry_e2e::proxy::{Fault, Proxy};
 use ferry_e2e::device::local_i64;
+use ferry_e2e::proxy::{Fault, Proxy};
 use ferry_e2e::{ServerProcess, Site};
 use ferry_server::backend_tests;
 
