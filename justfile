@@ -17,7 +17,9 @@ test:
 # End-to-end checks: real ferry-server processes and real devices, with faults in between.
 e2e:
     cargo build -p ferry-server --bin ferry-server
-    cargo test -p ferry-e2e -- --test-threads 2
+    mkdir -p target
+    cargo test -p ferry-e2e -- --test-threads 2 2>&1 | tee target/e2e.log
+    bash scripts/e2e-summary.sh target/e2e.log
 
 # Formatting and lints, as CI runs them.
 lint:
