@@ -76,6 +76,56 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug + 'static {
     fn open<'a>(&'a self, sha256: &'a str, from: u64) -> BoxFuture<'a, io::Result<Option<(u64, BlobReader)>>>;
     /// Removes the blob and any partial upload (garbage collection).
     fn remove<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, io::Result<()>>;
+    /// Every address held, complete or partial, with the time it was last written.
+    fn list(&self) -> BoxFuture<'_, io::Result<Vec<StoredBlob>>>;
+}
+
+/// One address a store holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// The address.
+    pub sha256: String,
+    /// Whether it is complete (else a partial upload).
+    pub complete: bool,
+    /// When it was last written.
+    pub modified: std::time::SystemTime,
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BlobGcReport {
+    /// Complete blobs no row references any more.
+    pub unreferenced: u64,
+    /// Partial uploads abandoned for longer than the grace period.
+    pub abandoned_uploads: u64,
+}
+
+/// Removes complete blobs that no row references and partial uploads left untouched, both older
+/// than `grace` (so a blob uploaded for a batch that has not been applied yet survives).
+pub async fn collect_garbage(
+    blobs: &Blobs,
+    store: &crate::store::Store,
+    schema: &ferry_protocol::Schema,
+    grace: std::time::Duration,
+) -> Result<BlobGcReport, crate::store::StoreError> {
+    let io_error = |e: io::Error| crate::store::StoreError::Corrupt(format!("blob store: {e}"));
+    let cutoff = std::time::SystemTime::now().checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
+    let mut report = BlobGcReport::default();
+    for blob in blobs.store.list().await.map_err(io_error)? {
+        if blob.modified > cutoff {
+            continue;
+        }
+        if blob.complete {
+            if crate::store::blobs::referenced(store, schema, None, &blob.sha256).await? {
+                continue;
+            }
+            report.unreferenced += 1;
+        } else {
+            report.abandoned_uploads += 1;
+        }
+        blobs.store.remove(&blob.sha256).await.map_err(io_error)?;
+    }
+    Ok(report)
 }
 
 /// Whether `s` is a blob address: 64 lower-case hex digits.
@@ -179,6 +229,28 @@ impl BlobStore for FsBlobStore {
             let size = file.metadata().await?.len();
             file.seek(io::SeekFrom::Start(from.min(size))).await?;
             Ok(Some((size, Box::pin(file) as BlobReader)))
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, io::Result<Vec<StoredBlob>>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (dir, complete) in [(self.dir.clone(), true), (self.dir.join("partial"), false)] {
+                let mut entries = match tokio::fs::read_dir(&dir).await {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                while let Some(entry) = entries.next_entry().await? {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let sha256 = if complete { name } else { name.trim_end_matches(".part").to_string() };
+                    let meta = entry.metadata().await?;
+                    if is_address(&sha256) && meta.is_file() {
+                        out.push(StoredBlob { sha256, complete, modified: meta.modified()? });
+                    }
+                }
+            }
+            Ok(out)
         })
     }
 

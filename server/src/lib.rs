@@ -62,11 +62,16 @@ pub async fn prepare_with_hooks(
 ) -> Result<http::AppState, StartError> {
     let auth = Arc::new(Auth::from_args(auth)?);
     let (store, schema) = open(storage).await?;
+    let blobs = open_blobs(storage)?;
+    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None, blobs })
+}
+
+/// Opens the filesystem blob store (`--blob-dir`, or next to the database).
+pub fn open_blobs(storage: &StorageArgs) -> Result<blobs::Blobs, StartError> {
     let dir = storage.blob_dir.clone().unwrap_or_else(|| blobs::default_dir(&storage.database));
     let fs = blobs::FsBlobStore::open(&dir)
         .map_err(|source| StartError::Blobs { path: dir.display().to_string(), source })?;
-    let blobs = blobs::Blobs::new(Arc::new(fs));
-    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None, blobs })
+    Ok(blobs::Blobs::new(Arc::new(fs)))
 }
 
 /// Loads the schema file, opens storage, and brings Ferry's tables and the app tables up to date.

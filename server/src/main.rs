@@ -60,6 +60,10 @@ enum Command {
         /// Keep what is younger than this (90s, 15m, 1h, 30d).
         #[arg(long, default_value = "30d", value_parser = parse_ttl)]
         retention: std::time::Duration,
+        /// Keep unreferenced blobs and partial uploads younger than this (a blob is uploaded
+        /// before the batch that references it is applied).
+        #[arg(long, default_value = "1d", value_parser = parse_ttl)]
+        blob_grace: std::time::Duration,
         #[command(flatten)]
         storage: StorageArgs,
         /// Print JSON.
@@ -138,15 +142,21 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Compact { retention, storage, json } => {
-            let (store, _) = ferry_server::open(&storage).await?;
+        Command::Compact { retention, blob_grace, storage, json } => {
+            let (store, schema) = ferry_server::open(&storage).await?;
             let report = store.compact(retention).await?;
+            let blobs = ferry_server::open_blobs(&storage)?;
+            let gc = ferry_server::blobs::collect_garbage(&blobs, &store, &schema.schema, blob_grace).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", serde_json::json!({ "feed": report, "blobs": gc }));
             } else {
                 println!(
                     "removed {} tombstones and {} apply-log entries; cursors below {} now receive in full",
                     report.tombstones, report.apply_log_entries, report.horizon
+                );
+                println!(
+                    "removed {} unreferenced blobs and {} abandoned uploads",
+                    gc.unreferenced, gc.abandoned_uploads
                 );
             }
             Ok(())

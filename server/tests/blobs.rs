@@ -151,6 +151,28 @@ backend_tests! {
         assert_eq!(anonymous.await.unwrap().status(), StatusCode::UNAUTHORIZED);
     }
 
+    async fn garbage_collection_removes_unreferenced_blobs_and_abandoned_uploads(backend) {
+        let Some(h) = harness(backend, Limits::default()).await else { return };
+        let (kept, kept_sha) = blob(1000);
+        let (orphan, orphan_sha) = blob(2000);
+        let (partial, partial_sha) = blob(3000);
+        assert!(h.patch(&kept_sha, 0, kept.len() as u64, &kept).await.complete());
+        assert!(h.patch(&orphan_sha, 0, orphan.len() as u64, &orphan).await.complete());
+        h.patch(&partial_sha, 0, partial.len() as u64, &partial[..100]).await;
+        h.reference(&kept_sha, kept.len()).await;
+        let schema = &h.state.schema.schema;
+        // Within the grace period nothing goes.
+        let young = ferry_server::blobs::collect_garbage(&h.state.blobs, &h.state.store, schema, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!((young.unreferenced, young.abandoned_uploads), (0, 0));
+        let old = ferry_server::blobs::collect_garbage(&h.state.blobs, &h.state.store, schema, Duration::ZERO).await.unwrap();
+        assert_eq!((old.unreferenced, old.abandoned_uploads), (1, 1));
+        assert!(h.head(&kept_sha).await.complete(), "a referenced blob stays");
+        assert_eq!(h.head(&orphan_sha).await.offset(), None, "an unreferenced blob goes");
+        assert_eq!(h.head(&partial_sha).await.offset(), None, "an abandoned upload goes");
+    }
+
     async fn downloads_need_a_referencing_row_in_scope_and_honour_ranges(backend) {
         let Some(h) = harness(backend, Limits::default()).await else { return };
         let (bytes, sha) = blob(70_000);

@@ -20,6 +20,16 @@ pub async fn referenced_in_scope(
     claims: &dyn ClaimSource,
     sha256: &str,
 ) -> Result<bool, StoreError> {
+    referenced(store, schema, Some(claims), sha256).await
+}
+
+/// Whether any row (in the scope of `claims`, when given) references blob `sha256`.
+pub async fn referenced(
+    store: &Store,
+    schema: &Schema,
+    claims: Option<&dyn ClaimSource>,
+    sha256: &str,
+) -> Result<bool, StoreError> {
     if !crate::blobs::is_address(sha256) {
         return Ok(false);
     }
@@ -34,14 +44,20 @@ pub async fn referenced_in_scope(
         if refs.is_empty() {
             continue;
         }
-        let mut sql = FeedSql::new(store.backend(), schema, claims);
-        let scope = sql.in_scope(table, "a");
+        let (scope, params) = match claims {
+            Some(claims) => {
+                let mut sql = FeedSql::new(store.backend(), schema, claims);
+                let scope = sql.in_scope(table, "a");
+                (scope, sql.params)
+            }
+            None => ("1 = 1".to_string(), Vec::new()),
+        };
         let text = format!("SELECT count(*) FROM {} a WHERE ({}) AND {scope}", quote(&table.name), refs.join(" OR "));
         let text = sqlx::AssertSqlSafe(text);
         let n: i64 = match store {
             Store::Sqlite(s) => {
                 let mut q = sqlx::query_scalar::<_, i64>(text);
-                for p in sql.params {
+                for p in params {
                     q = match p {
                         Param::Int(i) => q.bind(i),
                         Param::Text(t) => q.bind(t),
@@ -51,7 +67,7 @@ pub async fn referenced_in_scope(
             }
             Store::Postgres(pg) => {
                 let mut q = sqlx::query_scalar::<_, i64>(text);
-                for p in sql.params {
+                for p in params {
                     q = match p {
                         Param::Int(i) => q.bind(i),
                         Param::Text(t) => q.bind(t),
