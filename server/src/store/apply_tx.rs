@@ -206,9 +206,22 @@ impl RowSql {
         format!("DELETE FROM {} WHERE {}", super::quote(&table.name), self.key_condition(table, 1))
     }
 
-    pub fn select(&self, table: &Table) -> String {
-        let names: Vec<_> = table.columns.iter().map(|c| super::quote(&c.name)).collect();
-        format!("SELECT {} FROM {} WHERE {}", names.join(", "), super::quote(&table.name), self.key_condition(table, 1))
+    /// The row's columns and, last, its change-feed version, in one query. `key_text` builds the
+    /// dialect's feed key text from column expressions (`json_array(…)`, `jsonb_build_array(…)::text`).
+    pub fn select_with_version(&self, table: &Table, key_text: fn(&[String]) -> String) -> String {
+        // `ferry_t` cannot clash with a schema identifier (they may not start with `ferry_`).
+        let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", super::quote(&c.name))).collect();
+        let key: Vec<String> = table.primary_key.iter().map(|c| format!("ferry_t.{}", super::quote(c))).collect();
+        let conds: Vec<String> =
+            key.iter().enumerate().map(|(i, k)| format!("{k} = {}", (self.placeholder)(i + 1))).collect();
+        format!(
+            "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = {}) FROM {} AS ferry_t WHERE {}",
+            names.join(", "),
+            table.name,
+            key_text(&key),
+            super::quote(&table.name),
+            conds.join(" AND ")
+        )
     }
 }
 

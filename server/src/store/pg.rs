@@ -301,7 +301,7 @@ impl ApplyTx for PgApplyTx {
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(SQL.select(table)));
+        let mut q = sqlx::query(AssertSqlSafe(SQL.select_with_version(table, |cols| format!("jsonb_build_array({})::text", cols.join(", ")))));
         for (c, v) in key_columns(table, key) {
             q = bind(q, c, v);
         }
@@ -310,21 +310,8 @@ impl ApplyTx for PgApplyTx {
         for (i, col) in table.columns.iter().enumerate() {
             values.insert(col.name.clone(), decode(&row, i, col)?);
         }
-        let params: Vec<_> = (2..2 + table.primary_key.len()).map(|n| format!("${n}")).collect();
-        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
-            "SELECT version FROM ferry_rows WHERE tbl = $1 AND pk = jsonb_build_array({})::text",
-            params.join(", ")
-        )))
-        .bind(&table.name);
-        for (_, v) in key_columns(table, key) {
-            q = match v {
-                Value::Integer(i) => q.bind(i),
-                Value::Text(t) => q.bind(t),
-                other => q.bind(other.to_string()),
-            };
-        }
-        let version = q.fetch_optional(&mut *self.tx).await?.unwrap_or(0);
-        Ok(Some((values, version as u64)))
+        let version: Option<i64> = row.try_get(table.columns.len())?;
+        Ok(Some((values, version.unwrap_or(0) as u64)))
     }
 
     async fn log_applied(
