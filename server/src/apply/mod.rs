@@ -341,7 +341,13 @@ impl Run<'_> {
         if let Some(f) = self.authorize(tx, table, event, &key, &values).await? {
             return Ok(Outcome::Failed(f));
         }
-        tx.savepoint(Savepoint::Event).await?;
+        // An event writes with one statement. Where a failed statement leaves the transaction
+        // usable and undone (SQLite), it needs no savepoint; PostgreSQL aborts the whole
+        // transaction on any error unless a savepoint contains it.
+        let guarded = tx.failed_statement_aborts_transaction();
+        if guarded {
+            tx.savepoint(Savepoint::Event).await?;
+        }
         let written = match event.op {
             Op::Insert => self.insert(tx, table, &event.key, values).await,
             Op::Update => self.update(tx, table, &key, event, values).await,
@@ -349,7 +355,9 @@ impl Run<'_> {
         };
         match written {
             Ok(Written::Applied(image_key)) => {
-                tx.release_savepoint(Savepoint::Event).await?;
+                if guarded {
+                    tx.release_savepoint(Savepoint::Event).await?;
+                }
                 if let Some(image_key) = image_key
                     && let Some((values, version)) = tx.read_row(table, &image_key).await?
                 {
@@ -363,11 +371,15 @@ impl Run<'_> {
                 Ok(Outcome::Applied)
             }
             Ok(Written::Failed(f)) => {
-                tx.rollback_to_savepoint(Savepoint::Event).await?;
+                if guarded {
+                    tx.rollback_to_savepoint(Savepoint::Event).await?;
+                }
                 Ok(Outcome::Failed(f))
             }
             Err(WriteError::Constraint(message)) => {
-                tx.rollback_to_savepoint(Savepoint::Event).await?;
+                if guarded {
+                    tx.rollback_to_savepoint(Savepoint::Event).await?;
+                }
                 let mut f = failure(FailureCode::Constraint, message);
                 if event.op != Op::Insert {
                     f.server_row = tx.read_row(table, &key).await?.map(|(row, _)| row);
@@ -375,7 +387,9 @@ impl Run<'_> {
                 Ok(Outcome::Failed(f))
             }
             Err(WriteError::Value(message)) => {
-                tx.rollback_to_savepoint(Savepoint::Event).await?;
+                if guarded {
+                    tx.rollback_to_savepoint(Savepoint::Event).await?;
+                }
                 Ok(Outcome::Failed(failure(FailureCode::TypeMismatch, message)))
             }
             Err(WriteError::Store(e)) => Err(e),

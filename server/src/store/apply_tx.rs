@@ -84,6 +84,10 @@ pub trait ApplyTx: Send {
     /// Stores the device's new state (next sequence number, digest and result of the last batch).
     fn save_device(&mut self, record: &DeviceRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Whether a failed statement aborts the whole transaction (PostgreSQL) rather than undoing
+    /// just itself (SQLite): then every event runs inside its own savepoint.
+    fn failed_statement_aborts_transaction(&self) -> bool;
+
     /// Starts a savepoint (around one event, or one local transaction's events).
     fn savepoint(&mut self, name: Savepoint) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Keeps the effects since the savepoint.

@@ -220,6 +220,10 @@ impl ApplyTx for PgApplyTx {
         Ok(())
     }
 
+    fn failed_statement_aborts_transaction(&self) -> bool {
+        true
+    }
+
     async fn savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
         sqlx::query(AssertSqlSafe(format!("SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
@@ -301,7 +305,9 @@ impl ApplyTx for PgApplyTx {
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(SQL.select_with_version(table, |cols| format!("jsonb_build_array({})::text", cols.join(", ")))));
+        let mut q = sqlx::query(AssertSqlSafe(
+            SQL.select_with_version(table, |cols| format!("jsonb_build_array({})::text", cols.join(", "))),
+        ));
         for (c, v) in key_columns(table, key) {
             q = bind(q, c, v);
         }

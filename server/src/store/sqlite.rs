@@ -240,6 +240,10 @@ impl ApplyTx for SqliteApplyTx {
         Ok(())
     }
 
+    fn failed_statement_aborts_transaction(&self) -> bool {
+        false
+    }
+
     async fn savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
         sqlx::query(AssertSqlSafe(format!("SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
         Ok(())
@@ -319,7 +323,9 @@ impl ApplyTx for SqliteApplyTx {
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(SQL.select_with_version(table, |cols| format!("json_array({})", cols.join(", ")))));
+        let mut q = sqlx::query(AssertSqlSafe(
+            SQL.select_with_version(table, |cols| format!("json_array({})", cols.join(", "))),
+        ));
         for (c, v) in key_columns(table, key) {
             q = bind(q, c, v);
         }
