@@ -27,8 +27,12 @@ struct Harness {
 }
 
 async fn harness(backend: Backend, limits: Limits) -> Option<Harness> {
+    harness_with_schema(backend, limits, None).await
+}
+
+async fn harness_with_schema(backend: Backend, limits: Limits, schema: Option<std::path::PathBuf>) -> Option<Harness> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database, schema: None, blob_dir: None };
+    let storage = StorageArgs { database, schema, blob_dir: None };
     let mut state = ferry_server::prepare(&storage, limits, &AuthArgs::secret(SECRET)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     state.blobs = Blobs::new(Arc::new(FsBlobStore::open(dir.path()).unwrap()));
@@ -149,6 +153,25 @@ backend_tests! {
         assert_eq!(no_size.status, StatusCode::BAD_REQUEST);
         let anonymous = h.app.clone().oneshot(Request::head(format!("/v1/blobs/{sha}")).body(Body::empty()).unwrap());
         assert_eq!(anonymous.await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+
+    async fn uploads_need_a_table_devices_may_write_blobs_into(backend) {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("read-only-photos.toml");
+        std::fs::write(
+            &schema,
+            r#"[[table]]
+            name = "gallery"
+            primary_key = ["id"]
+            access = { insert = false, update = false, delete = false }
+            columns = [{ name = "id", type = "integer", nullable = false }, { name = "image", type = "blob" }]"#,
+        )
+        .unwrap();
+        let Some(h) = harness_with_schema(backend, Limits::default(), Some(schema)).await else { return };
+        let (content, sha) = blob(100);
+        let answer = h.patch(&sha, 0, content.len() as u64, &content).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN);
+        assert_eq!(h.head(&sha).await.offset(), None, "nothing was stored");
     }
 
     async fn garbage_collection_removes_unreferenced_blobs_and_abandoned_uploads(backend) {

@@ -77,12 +77,23 @@ async fn head_blob(State(state): State<AppState>, _user: User, Path(sha256): Pat
 
 async fn patch_blob(
     State(state): State<AppState>,
+    // Uploads need an authenticated user like every /v1 request.
     _user: User,
     Path(sha256): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     address(&sha256)?;
+    // The row that will reference the blob does not exist yet, so uploading is checked at the
+    // table level: the schema must let devices write some table with a blob column. The row is
+    // checked when its event applies; blobs no row comes to reference are collected after the
+    // grace period (`ferry-server compact`).
+    let writable = state.schema.schema.tables.iter().any(|t| {
+        (t.access.insert || t.access.update) && t.columns.iter().any(|c| c.ty == ferry_protocol::ColumnType::Blob)
+    });
+    if !writable {
+        return Err(ApiError::new(ErrorCode::Forbidden, "no table devices may write holds blobs"));
+    }
     let offset = header_u64(&headers, UPLOAD_OFFSET)?;
     let size = header_u64(&headers, BLOB_SIZE)?;
     let limits = state.limits;
