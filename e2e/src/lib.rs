@@ -2,6 +2,7 @@
 //! against SQLite or a scratch PostgreSQL database) and real devices using the public client API.
 
 pub mod device;
+pub mod model;
 pub mod proxy;
 pub mod server;
 

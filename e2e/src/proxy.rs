@@ -60,6 +60,7 @@ struct Shared {
     connections: AtomicU64,
     faults: AtomicU64,
     response_bytes: AtomicU64,
+    request_bytes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,6 +85,7 @@ impl Proxy {
             connections: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             response_bytes: AtomicU64::new(0),
+            request_bytes: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Proxy { addr, shared, task })
@@ -153,6 +155,14 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Bytes forwarded from devices to the server so far, over all connections (HTTP headers
+    /// included): when it stops growing during an upload, the server holds the whole request.
+    pub fn request_bytes(&self) -> u64 {
+        self.shared.request_bytes.load(Ordering::SeqCst)
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         // Aborting the accept loop drops its JoinSet, which aborts every connection task.
@@ -217,7 +227,7 @@ async fn handle(client: TcpStream, fault: Fault, shared: Arc<Shared>) {
     };
     // Either direction ending (EOF, error or a cut) ends the connection: both halves are dropped.
     let ended = tokio::select! {
-        e = pump(client_rd, server_wr, request_limit, None) => e,
+        e = pump(client_rd, server_wr, request_limit, Some(&shared.request_bytes)) => e,
         e = pump(server_rd, client_wr, response_limit, Some(&shared.response_bytes)) => e,
     };
     if ended == Ended::Cut {

@@ -388,6 +388,40 @@ backend_tests! {
         assert_eq!(h.scalar(&format!("SELECT count(*) FROM invoice WHERE id = {iid} AND total = 9")).await, 1);
     }
 
+    async fn a_device_never_conflicts_with_its_own_earlier_change(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let r = h.send(&h.batch("dev-self", 1, vec![
+            customer(0, 1, -9, "Ada"),
+            insert(1, 1, "invoice", -1, &[("id", int(-1)), ("customer_id", int(-9)), ("salesperson_id", text("alice"))]),
+        ])).await.ok();
+        let inv = r.images.iter().find(|i| i.table == "invoice");
+        let Some(inv) = inv else { panic!("{r:?}") };
+        let (id, seen) = (inv.key.0[0].as_integer().unwrap(), inv.version);
+        // Two updates and a delete of the same row (policy reject), all based on the version the
+        // device saw before its own changes: none of them is a conflict.
+        let mut delete = update(4, 4, "invoice", id, &[], Some(seen));
+        delete.op = Op::Delete;
+        delete.values = Row::new();
+        let r = h.send(&h.batch("dev-self", 2, vec![
+            update(2, 2, "invoice", id, &[("total", Value::Real(1.0))], Some(seen)),
+            update(3, 3, "invoice", id, &[("total", Value::Real(2.0))], Some(seen)),
+            delete,
+        ])).await.ok();
+        assert_eq!(codes(&r), ["applied", "applied", "applied"]);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice").await, 0);
+        // Someone else's change in between still is a conflict.
+        let r = h.send(&h.batch("dev-self", 3, vec![customer(5, 5, -5, "Bea")])).await.ok();
+        let bea = &r.images[0];
+        let bea_id = bea.key.0[0].as_integer().unwrap();
+        h.state.store.execute_admin_sql(&format!("UPDATE customer SET name = 'Other' WHERE id = {bea_id}")).await.unwrap();
+        let mut first = update(6, 6, "customer", bea_id, &[("city", text("Rome"))], Some(bea.version));
+        first.previous = row(&[("city", Value::Null)]);
+        let mut second = update(7, 7, "customer", bea_id, &[("name", text("Bea B"))], Some(bea.version));
+        second.previous = row(&[("name", text("Bea"))]);
+        let r = h.send(&h.batch("dev-self", 4, vec![first, second])).await.ok();
+        assert_eq!(codes(&r), ["applied", "conflict"], "the name was changed by someone else");
+    }
+
     async fn hooks_can_reject_edit_and_abort(backend) {
         struct Rules;
         impl Hooks for Rules {

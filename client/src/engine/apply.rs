@@ -165,6 +165,14 @@ pub fn apply_image(conn: &Connection, schema: &Schema, image: &RowImage) -> Resu
          ON CONFLICT(tbl, pk) DO UPDATE SET version = excluded.version",
     )?
     .execute(params![table.name, pk, version])?;
+    // Events on this row still waiting to be sent were made on top of the device's own change the
+    // server just applied: they are based on its new version, not on the one before (otherwise
+    // the device would conflict with itself).
+    conn.prepare_cached(
+        "UPDATE ferry_log SET base_version = ?3
+         WHERE tbl = ?1 AND pk = ?2 AND status = 'pending' AND kind IN ('update', 'delete')",
+    )?
+    .execute(params![table.name, pk, version])?;
     let local_change: Option<i64> = conn
         .prepare_cached("SELECT seq FROM ferry_log WHERE tbl = ?1 AND pk = ?2 LIMIT 1")?
         .query_row(params![table.name, pk], |r| r.get(0))

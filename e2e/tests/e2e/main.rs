@@ -6,6 +6,8 @@
 
 mod basics;
 mod blobs;
+mod faults;
+mod model;
 mod ops;
 mod receive;
 mod security;

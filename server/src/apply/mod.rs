@@ -164,6 +164,23 @@ struct RunState {
     images: Vec<RowImage>,
     /// Applied events, written to the apply log once per batch.
     applied: Vec<AppliedEvent>,
+    /// Rows this batch's earlier events changed: (table, key) → the device's own writes to it.
+    own_writes: HashMap<(String, String), OwnWrite>,
+    /// The version of the row the event being applied updates, read before writing.
+    version_before_write: Option<u64>,
+}
+
+/// The device's own changes to one row within a batch. A later event based on the same version
+/// the first change was based on is judged against the row as it was *before* that change — so
+/// the device never conflicts with itself, and still conflicts with others.
+#[derive(Debug, Clone, Copy)]
+struct OwnWrite {
+    /// The version the device had seen when it made its first change.
+    seen: Option<u64>,
+    /// The row's version just before the device's first change in this batch.
+    before: u64,
+    /// The version the device's latest change produced.
+    after: u64,
 }
 
 /// How much of [`RunState`] existed before a local transaction began.
@@ -361,6 +378,9 @@ impl Run<'_> {
                 if let Some(image_key) = image_key
                     && let Some((values, version)) = tx.read_row(table, &image_key).await?
                 {
+                    if let (Op::Update, Some(before)) = (event.op, self.state.version_before_write.take()) {
+                        self.record_own_write(table, &image_key, event.base_version, before, version);
+                    }
                     self.state.images.push(RowImage { table: table.name.clone(), key: image_key, version, values });
                 }
                 self.state.applied.push(AppliedEvent {
@@ -477,6 +497,26 @@ impl Run<'_> {
         }
     }
 
+    /// Whether an update or delete based on `seen` conflicts with the row's `current` version:
+    /// the row changed since the device saw it, other than by this device's own earlier events.
+    fn conflicts(&self, table: &Table, key: &Key, seen: Option<u64>, current: u64) -> bool {
+        let Some(seen) = seen else { return false };
+        match self.state.own_writes.get(&(table.name.clone(), key.to_string())) {
+            Some(own) if own.seen == Some(seen) && own.after == current => seen != own.before,
+            _ => seen != current,
+        }
+    }
+
+    /// Remembers the device's change to a row (from version `before` to `after`).
+    fn record_own_write(&mut self, table: &Table, key: &Key, seen: Option<u64>, before: u64, after: u64) {
+        let row = (table.name.clone(), key.to_string());
+        let before = match self.state.own_writes.get(&row) {
+            Some(own) if own.seen == seen && own.after == before => own.before,
+            _ => before,
+        };
+        self.state.own_writes.insert(row, OwnWrite { seen, before, after });
+    }
+
     async fn real_key<T: ApplyTx>(&self, tx: &mut T, table: &str, temp: i64) -> Result<Option<i64>, StoreError> {
         if let Some(real) = self.state.assigned.get(&(table.to_string(), temp)) {
             return Ok(Some(*real));
@@ -548,7 +588,8 @@ impl Run<'_> {
                 format!("{} row {key} does not exist", table.name),
             )));
         };
-        let conflict = event.base_version.is_some_and(|seen| seen != version);
+        self.state.version_before_write = Some(version);
+        let conflict = self.conflicts(table, key, event.base_version, version);
         if conflict {
             count_conflict(table);
         }
@@ -597,7 +638,7 @@ impl Run<'_> {
             // Already gone: the device's intent holds.
             return Ok(Written::Applied(None));
         };
-        if event.base_version.is_some_and(|seen| seen != version) {
+        if self.conflicts(table, key, event.base_version, version) {
             count_conflict(table);
             match table.conflict {
                 ConflictPolicy::Reject | ConflictPolicy::Merge => {
