@@ -293,6 +293,47 @@ backend_tests! {
         assert_eq!(codes(&r), ["dependency_failed"]);
     }
 
+    async fn inserts_into_one_table_are_written_together_and_a_refused_one_is_still_named(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let line = |seq, tx, temp, product, qty| insert(seq, tx, "invoice_line", temp, &[
+            ("id", int(temp)), ("invoice_id", int(-10)), ("product_id", int(product)), ("qty", int(qty)), ("price", Value::Real(1.0)),
+        ]);
+        // tx 1: six customers, written together (one with a city: another column list).
+        let names = ["Ada", "Bob", "Cy", "Di", "Ed"];
+        let mut events: Vec<Event> =
+            names.iter().enumerate().map(|(i, n)| customer(i as u64 + 1, 1, -(i as i64) - 1, n)).collect();
+        events.push(insert(6, 1, "customer", -6, &[("id", int(-6)), ("name", text("Flo")), ("city", text("Oslo"))]));
+        // tx 2: an invoice and three lines; the middle one sells more ink (stock 3) than there is.
+        events.push(insert(7, 2, "invoice", -10, &[("id", int(-10)), ("customer_id", int(-1)), ("salesperson_id", text("alice"))]));
+        events.extend([line(8, 2, -11, 1, 1), line(9, 2, -12, 2, 5), line(10, 2, -13, 1, 1)]);
+        // tx 3: two lines that fit, on an invoice of their own.
+        events.push(insert(11, 3, "invoice", -20, &[("id", int(-20)), ("customer_id", int(-2)), ("salesperson_id", text("alice"))]));
+        events.extend([2, 3].map(|i| insert(10 + i, 3, "invoice_line", -20 - i as i64, &[
+            ("id", int(-20 - i as i64)), ("invoice_id", int(-20)), ("product_id", int(2)), ("qty", int(1)), ("price", Value::Real(2.0)),
+        ])));
+        let r = h.send(&h.batch("dev-together", 1, events)).await.ok();
+        assert_eq!(codes(&r)[..6], ["applied"; 6]);
+        assert_eq!(codes(&r)[6..10], ["dependency_failed", "dependency_failed", "constraint", "dependency_failed"]);
+        assert_eq!(codes(&r)[10..], ["applied"; 3]);
+        let Outcome::Failed(f) = &r.outcomes[8].outcome else { panic!() };
+        assert!(f.message.contains("not enough stock"), "{}", f.message);
+        // Every temporary key maps to the row made from its own event.
+        let image = |table: &str, key: &Key| r.images.iter().find(|i| i.table == table && &i.key == key).unwrap();
+        for (i, name) in names.iter().chain(["Flo"].iter()).enumerate() {
+            let remap = r.remaps.iter().find(|m| m.table == "customer" && m.temporary == Key::int(-(i as i64) - 1)).unwrap();
+            assert_eq!(image("customer", &remap.real).values["name"], text(name));
+        }
+        let flo = r.remaps.iter().find(|m| m.temporary == Key::int(-6)).unwrap();
+        assert_eq!(image("customer", &flo.real).values["city"], text("Oslo"));
+        assert_eq!(r.remaps.iter().filter(|m| m.table == "invoice_line").count(), 2);
+        // Only tx 3 sold anything: ink 3 → 1, pens untouched.
+        assert_eq!(h.scalar("SELECT stock FROM product WHERE id = 2").await, 1);
+        assert_eq!(h.scalar("SELECT stock FROM product WHERE id = 1").await, 10);
+        assert_eq!(h.scalar("SELECT count(*) FROM invoice_line").await, 2);
+        assert_eq!(h.scalar("SELECT count(*) FROM ferry_apply_log").await, 9);
+        assert_eq!(h.scalar("SELECT count(*) FROM ferry_key_map").await, 9);
+    }
+
     async fn writes_must_stay_within_the_users_scope(backend) {
         let Some(h) = harness(backend).await else { return };
         // Bob's invoice 50 with line 500; a customer for everyone.

@@ -14,7 +14,7 @@ mod values;
 use std::collections::HashMap;
 
 use ferry_protocol::{
-    Batch, BatchResult, ColumnType, ConflictPolicy, ErrorCode, Event, EventOutcome, Failure, FailureCode, Key,
+    Batch, BatchResult, Column, ColumnType, ConflictPolicy, ErrorCode, Event, EventOutcome, Failure, FailureCode, Key,
     KeyRemap, Op, Outcome, Row, RowImage, Schema, Scope, Table, Value,
 };
 
@@ -98,7 +98,15 @@ pub async fn apply_batch<T: ApplyTx>(
     let ctx = BatchContext { user_id: user_id.into(), device_id: batch.device_id.clone(), batch_seq: batch.batch_seq };
     let digest = batch.digest;
     hooks.before_batch(&ctx, &mut batch);
-    let mut run = Run { schema, device_id: &batch.device_id, state: RunState::default(), blobs, claims };
+    let mut run = Run {
+        schema,
+        device_id: &batch.device_id,
+        state: RunState::default(),
+        blobs,
+        claims,
+        pending: None,
+        held_refused: false,
+    };
     let events = std::mem::take(&mut batch.events);
     let mut outcomes = Vec::with_capacity(events.len());
     let mut aborted = false;
@@ -116,16 +124,12 @@ pub async fn apply_batch<T: ApplyTx>(
             group_outcomes
         };
         for (event, outcome) in group.iter().zip(group_outcomes) {
-            let label = match &outcome {
-                Outcome::Applied => "applied",
-                Outcome::Failed(f) => f.code.as_str(),
-                Outcome::NotApplied => "not_applied",
-            };
-            metrics::counter!("ferry_events_total", "table" => table_label(schema, &event.table), "outcome" => label)
-                .increment(1);
             outcomes.push(EventOutcome { seq: event.seq, outcome });
         }
     }
+    let mappings: Vec<(&str, i64, i64)> =
+        run.state.assigned.iter().map(|((table, temp), real)| (table.as_str(), *temp, *real)).collect();
+    tx.record_real_keys(&batch.device_id, &mappings).await?;
     tx.log_applied(&batch.device_id, batch.batch_seq, &run.state.applied).await?;
     let result =
         BatchResult { batch_seq: batch.batch_seq, outcomes, remaps: run.state.remaps, images: run.state.images };
@@ -137,7 +141,25 @@ pub async fn apply_batch<T: ApplyTx>(
     tx.commit().await?;
     metrics::counter!("ferry_batches_total", "result" => "applied").increment(1);
     metrics::counter!("ferry_key_remaps_total").increment(result.remaps.len() as u64);
+    count_events(schema, &events, &result.outcomes);
     Ok(result)
+}
+
+/// Counts the batch's events by table and outcome: one counter update per series, not per event.
+fn count_events(schema: &Schema, events: &[Event], outcomes: &[EventOutcome]) {
+    let mut counts: std::collections::BTreeMap<(&str, &'static str), u64> = Default::default();
+    for (event, outcome) in events.iter().zip(outcomes) {
+        let label = match &outcome.outcome {
+            Outcome::Applied => "applied",
+            Outcome::Failed(f) => f.code.as_str(),
+            Outcome::NotApplied => "not_applied",
+        };
+        *counts.entry((event.table.as_str(), label)).or_default() += 1;
+    }
+    for ((table, outcome), n) in counts {
+        metrics::counter!("ferry_events_total", "table" => table_label(schema, table), "outcome" => outcome)
+            .increment(n);
+    }
 }
 
 /// A metrics label for a table name: the schema's name, or `unknown` (devices must not be able
@@ -221,15 +243,24 @@ struct Run<'a> {
     blobs: Option<&'a crate::blobs::Blobs>,
     /// The user's token claims: scopes decide which rows they may write (R15).
     claims: &'a dyn ClaimSource,
+    /// Inserts held back to be written together.
+    pending: Option<PendingInserts<'a>>,
+    /// Set when writing held inserts was refused (the local transaction is applied again).
+    held_refused: bool,
 }
 
 /// The outcome of one event before hooks see it; `Err` aborts the batch.
 type EventResult = Result<Outcome, StoreError>;
 
-impl Run<'_> {
+impl<'a> Run<'a> {
     /// Applies the events of one local transaction, all or nothing: if one fails, the effects of
     /// the others are rolled back and they fail with `dependency_failed` (R6). Returns the
     /// outcomes and whether a hook asked to abort the rest of the batch.
+    ///
+    /// Consecutive inserts into one table are held back and written together (one multi-row
+    /// statement instead of one per event). If the database refuses such a write, it cannot say
+    /// which row it refused: the local transaction is rolled back and applied again one event at
+    /// a time, which finds the event and fails it with the database's reason.
     async fn apply_local_transaction<T: ApplyTx>(
         &mut self,
         tx: &mut T,
@@ -237,25 +268,55 @@ impl Run<'_> {
         group: &[Event],
         hooks: &dyn Hooks,
     ) -> Result<(Vec<Outcome>, bool), StoreError> {
-        // A one-event transaction needs no savepoint beyond the event's own.
-        let grouped = group.len() > 1;
-        if grouped {
-            tx.savepoint(Savepoint::LocalTransaction).await?;
-        }
-        let mark = self.state.mark();
-        let mut applied = Vec::with_capacity(group.len());
+        // Hooks see every event once, before any of them is applied.
+        let mut events = Vec::with_capacity(group.len());
+        let mut rejected = None;
         for event in group {
             let mut event = event.clone();
-            let outcome = match hooks.before_event(ctx, &mut event) {
-                EventVerdict::Reject(message) => Outcome::Failed(failure(FailureCode::Validation, message)),
-                EventVerdict::Apply => self.apply_event(tx, &event).await?,
-            };
-            if let Outcome::Failed(f) = outcome {
+            if let EventVerdict::Reject(message) = hooks.before_event(ctx, &mut event) {
+                rejected = Some((events.len(), failure(FailureCode::Validation, message)));
+                events.push(event);
+                break;
+            }
+            events.push(event);
+        }
+        // A one-event transaction needs no savepoint beyond the event's own.
+        let grouped = group.len() > 1;
+        let mark = self.state.mark();
+        let hook_rejected = rejected.is_some();
+        let run = match rejected {
+            Some((index, f)) => GroupRun::Failed(index, f),
+            None => {
                 if grouped {
+                    tx.savepoint(Savepoint::LocalTransaction).await?;
+                }
+                let mut run = self.apply_events(tx, &events, grouped).await?;
+                if let GroupRun::HeldWriteRefused = run {
+                    tx.rollback_to_savepoint(Savepoint::LocalTransaction).await?;
+                    self.state.reset(mark);
+                    tx.savepoint(Savepoint::LocalTransaction).await?;
+                    run = self.apply_events(tx, &events, false).await?;
+                }
+                run
+            }
+        };
+        match run {
+            GroupRun::Applied => {
+                if grouped {
+                    tx.release_savepoint(Savepoint::LocalTransaction).await?;
+                }
+                for event in &events {
+                    hooks.after_event(ctx, event);
+                }
+                Ok((vec![Outcome::Applied; group.len()], false))
+            }
+            GroupRun::Failed(index, f) => {
+                if grouped && !hook_rejected {
                     tx.rollback_to_savepoint(Savepoint::LocalTransaction).await?;
                 }
                 self.state.reset(mark);
-                let abort = hooks.on_failure(ctx, &event, &f) == AfterFailure::AbortRest;
+                let event = &events[index];
+                let abort = hooks.on_failure(ctx, event, &f) == AfterFailure::AbortRest;
                 let outcomes = group
                     .iter()
                     .map(|other| {
@@ -269,20 +330,86 @@ impl Run<'_> {
                         }
                     })
                     .collect();
-                return Ok((outcomes, abort));
+                Ok((outcomes, abort))
             }
-            applied.push(event);
+            GroupRun::HeldWriteRefused => {
+                Err(StoreError::Corrupt("a write refused together was not refused one event at a time".into()))
+            }
         }
-        if grouped {
-            tx.release_savepoint(Savepoint::LocalTransaction).await?;
-        }
-        for event in &applied {
-            hooks.after_event(ctx, event);
-        }
-        Ok((vec![Outcome::Applied; group.len()], false))
     }
 
-    async fn apply_event<T: ApplyTx>(&mut self, tx: &mut T, event: &Event) -> EventResult {
+    /// Applies `events` in order, holding inserts back (see [`PendingInserts`]) when `hold`.
+    async fn apply_events<T: ApplyTx>(
+        &mut self,
+        tx: &mut T,
+        events: &[Event],
+        hold: bool,
+    ) -> Result<GroupRun, StoreError> {
+        self.pending = None;
+        for (index, event) in events.iter().enumerate() {
+            // Anything but one more insert into the same table sees the held rows written first.
+            let joins = |p: &PendingInserts| event.op == Op::Insert && p.table.name == event.table;
+            if self.pending.as_ref().is_some_and(|p| !joins(p)) && self.flush_held(tx).await?.is_err() {
+                return Ok(GroupRun::HeldWriteRefused);
+            }
+            let outcome = self.apply_event(tx, event, hold).await?;
+            if std::mem::take(&mut self.held_refused) {
+                return Ok(GroupRun::HeldWriteRefused);
+            }
+            if let Outcome::Failed(f) = outcome {
+                self.pending = None;
+                return Ok(GroupRun::Failed(index, f));
+            }
+        }
+        if self.flush_held(tx).await?.is_err() {
+            return Ok(GroupRun::HeldWriteRefused);
+        }
+        Ok(GroupRun::Applied)
+    }
+
+    /// Writes the held inserts; `Err(())` if the database refused them (nothing to undo here:
+    /// the caller rolls the local transaction back).
+    async fn flush_held<T: ApplyTx>(&mut self, tx: &mut T) -> Result<Result<(), ()>, StoreError> {
+        match self.write_pending(tx).await {
+            Ok(()) => Ok(Ok(())),
+            Err(WriteError::Constraint(_) | WriteError::Value(_)) => {
+                self.pending = None;
+                Ok(Err(()))
+            }
+            Err(WriteError::Store(e)) => Err(e),
+        }
+    }
+
+    /// Writes the pending inserts with as few statements as possible, then records what each
+    /// produced: the key remap of a temporary key, the row image and the apply-log entry.
+    async fn write_pending<T: ApplyTx>(&mut self, tx: &mut T) -> Result<(), WriteError> {
+        let Some(mut pending) = self.pending.take() else { return Ok(()) };
+        let table = pending.table;
+        let rows = pending.rows.iter_mut().map(|r| std::mem::take(&mut r.values)).collect();
+        let keys = tx.insert_rows(table, &pending.columns, rows).await?;
+        for (row, key) in pending.rows.iter().zip(&keys) {
+            if let (Some(temp), Some(real)) = (row.temporary, key.0.first().and_then(Value::as_integer)) {
+                self.state.assigned.insert((table.name.clone(), temp), real);
+                self.state.assigned_order.push((table.name.clone(), temp));
+                let remap =
+                    KeyRemap { table: table.name.clone(), temporary: row.device_key.clone(), real: key.clone() };
+                self.state.remaps.push(remap);
+            }
+        }
+        let images = tx.read_rows(table, &keys).await?;
+        for ((row, key), image) in pending.rows.iter().zip(keys).zip(images) {
+            if let Some((values, version)) = image {
+                self.state.images.push(RowImage { table: table.name.clone(), key, version, values });
+            }
+            let applied = AppliedEvent { seq: row.seq, table: table.name.clone(), op: Op::Insert.as_str() };
+            self.state.applied.push(applied);
+        }
+        Ok(())
+    }
+
+    /// Applies one event. With `hold`, an insert is only queued in [`PendingInserts`] and
+    /// counted as applied; if writing the rows held before it was refused, `held_refused` is set.
+    async fn apply_event<T: ApplyTx>(&mut self, tx: &mut T, event: &Event, hold: bool) -> EventResult {
         let Some(table) = self.schema.table(&event.table) else {
             return Ok(Outcome::Failed(failure(
                 FailureCode::UnknownTable,
@@ -358,6 +485,16 @@ impl Run<'_> {
         if let Some(f) = self.authorize(tx, table, event, &key, &values).await? {
             return Ok(Outcome::Failed(f));
         }
+        if event.op == Op::Insert && hold {
+            let row = PendingRow::new(table, event, values);
+            // Rows held with other columns are written first: one statement has one column list.
+            if self.pending.as_ref().is_some_and(|p| p.columns != row.columns) && self.flush_held(tx).await?.is_err() {
+                self.held_refused = true;
+                return Ok(Outcome::Applied);
+            }
+            self.hold(table, row);
+            return Ok(Outcome::Applied);
+        }
         // An event writes with one statement. Where a failed statement leaves the transaction
         // usable and undone (SQLite), it needs no savepoint; PostgreSQL aborts the whole
         // transaction on any error unless a savepoint contains it.
@@ -366,11 +503,20 @@ impl Run<'_> {
             tx.savepoint(Savepoint::Event).await?;
         }
         let written = match event.op {
-            Op::Insert => self.insert(tx, table, &event.key, values).await,
+            Op::Insert => {
+                self.hold(table, PendingRow::new(table, event, values));
+                self.write_pending(tx).await.map(|()| Written::Recorded)
+            }
             Op::Update => self.update(tx, table, &key, event, values).await,
             Op::Delete => self.delete(tx, table, &key, event).await,
         };
         match written {
+            Ok(Written::Recorded) => {
+                if guarded {
+                    tx.release_savepoint(Savepoint::Event).await?;
+                }
+                Ok(Outcome::Applied)
+            }
             Ok(Written::Applied(image_key)) => {
                 if guarded {
                     tx.release_savepoint(Savepoint::Event).await?;
@@ -543,35 +689,12 @@ impl Run<'_> {
         })
     }
 
-    async fn insert<T: ApplyTx>(
-        &mut self,
-        tx: &mut T,
-        table: &Table,
-        device_key: &Key,
-        mut values: Row,
-    ) -> Result<Written, WriteError> {
-        let temporary = (table.auto_number && device_key.is_temporary()).then(|| device_key.0[0].as_integer());
-        if table.auto_number {
-            // The server assigns auto-numbered keys; a device-chosen positive key is kept as is.
-            if temporary.is_some() {
-                values.remove(&table.primary_key[0]);
-            }
+    /// Queues an insert after the pending ones (the caller has checked it fits them).
+    fn hold(&mut self, table: &'a Table, row: PendingRow<'a>) {
+        match &mut self.pending {
+            Some(pending) => pending.rows.push(row),
+            None => self.pending = Some(PendingInserts { table, columns: row.columns.clone(), rows: vec![row] }),
         }
-        let columns = values::columns(table, values);
-        let key = tx.insert(table, &columns).await?;
-        if let Some(Some(temp)) = temporary
-            && let Some(real) = key.0.first().and_then(Value::as_integer)
-        {
-            tx.record_real_key(self.device_id, &table.name, temp, real).await?;
-            self.state.assigned.insert((table.name.clone(), temp), real);
-            self.state.assigned_order.push((table.name.clone(), temp));
-            self.state.remaps.push(KeyRemap {
-                table: table.name.clone(),
-                temporary: device_key.clone(),
-                real: key.clone(),
-            });
-        }
-        Ok(Written::Applied(Some(key)))
     }
 
     async fn update<T: ApplyTx>(
@@ -653,8 +776,54 @@ impl Run<'_> {
     }
 }
 
+/// Inserts into one table, held back to be written together (see
+/// [`Run::apply_local_transaction`]).
+struct PendingInserts<'a> {
+    table: &'a Table,
+    /// The columns every row gives values for, in table order.
+    columns: Vec<&'a Column>,
+    rows: Vec<PendingRow<'a>>,
+}
+
+/// One insert waiting in [`PendingInserts`].
+struct PendingRow<'a> {
+    seq: u64,
+    /// The key as the device sent it.
+    device_key: Key,
+    /// The device's temporary key, replaced by a key the server assigns.
+    temporary: Option<i64>,
+    columns: Vec<&'a Column>,
+    values: Vec<Value>,
+}
+
+impl<'a> PendingRow<'a> {
+    /// The insert of `event` with its checked `values`; a temporary key is left out for the
+    /// database to assign (a device-chosen positive key of an auto-numbered table is kept).
+    fn new(table: &'a Table, event: &Event, mut values: Row) -> Self {
+        let temporary = if table.auto_number && event.key.is_temporary() { event.key.0[0].as_integer() } else { None };
+        if temporary.is_some() {
+            values.remove(&table.primary_key[0]);
+        }
+        let (columns, values) = values::columns(table, values).into_iter().unzip();
+        PendingRow { seq: event.seq, device_key: event.key.clone(), temporary, columns, values }
+    }
+}
+
+/// How the events of one local transaction went.
+enum GroupRun {
+    /// Every event applied.
+    Applied,
+    /// The event at this index failed.
+    Failed(usize, Failure),
+    /// The database refused held inserts written together: apply one event at a time to know
+    /// which.
+    HeldWriteRefused,
+}
+
 /// What writing one event did.
 enum Written {
+    /// Applied, and already recorded (images, log) by [`Run::write_pending`].
+    Recorded,
     /// Applied; the key of the row whose image goes back to the device, if it still exists.
     Applied(Option<Key>),
     /// Refused by Ferry's own rules (not found, conflict).

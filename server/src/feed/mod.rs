@@ -9,11 +9,13 @@
 //!
 //! The in-progress cursor (`p.<phase>.<from>.<to>.<table>.<after>`) carries everything, so any
 //! server process can serve the next page and an interrupted receive resumes where it stopped.
-//! The last page's `next` is the completed cursor `d.<to>` the device stores.
+//! `after` is the feed key text (JSON array) of the last row served; the snapshot pages in key
+//! order, the other phases in key-text order. The last page's `next` is the completed cursor
+//! `d.<to>` the device stores.
 
-use ferry_protocol::{ChangePage, Cursor, ErrorCode, Estimate, Key, Removal, Schema, Table, TableRows, Value};
+use ferry_protocol::{ChangePage, Cursor, ErrorCode, Estimate, Removal, Schema, Table, TableRows, Value};
 
-use crate::store::feed::{ClaimSource, FeedRange};
+use crate::store::feed::{ClaimSource, FeedRange, key_params, parse_key};
 use crate::store::{Store, StoreError};
 
 /// Why a page could not be served.
@@ -29,7 +31,7 @@ pub enum FeedError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Full receive, first part: every current row in scope.
+    /// Full receive, first part: every current row in scope, in primary-key order (`k`).
     Snapshot,
     /// Full receive, second part: changes made while the snapshot was paged.
     CatchUp,
@@ -49,7 +51,7 @@ struct Progress {
 impl Progress {
     fn encode(&self) -> Cursor {
         let phase = match self.phase {
-            Phase::Snapshot => "s",
+            Phase::Snapshot => "k",
             Phase::CatchUp => "c",
             Phase::Incremental => "i",
         };
@@ -71,6 +73,15 @@ fn malformed() -> FeedError {
     FeedError::Cursor(ErrorCode::BadRequest, "the cursor is malformed; send back a cursor this server gave".into())
 }
 
+/// An older server's snapshot (`p.s.…`) was paged in key-text order: it cannot be resumed in key
+/// order, so the device starts over, like after compaction.
+fn old_snapshot() -> FeedError {
+    FeedError::Cursor(
+        ErrorCode::CursorExpired,
+        "the receive was started by an older server version; receive in full (empty cursor)".into(),
+    )
+}
+
 fn parse(cursor: &str) -> Result<Parsed, FeedError> {
     if cursor.is_empty() {
         return Ok(Parsed::Start);
@@ -81,9 +92,10 @@ fn parse(cursor: &str) -> Result<Parsed, FeedError> {
         ["d", at] => Ok(Parsed::Done(int(at)?)),
         ["p", phase, from, to, table, after] => {
             let phase = match *phase {
-                "s" => Phase::Snapshot,
+                "k" => Phase::Snapshot,
                 "c" => Phase::CatchUp,
                 "i" => Phase::Incremental,
+                "s" => return Err(old_snapshot()),
                 _ => return Err(malformed()),
             };
             let after = String::from_utf8(hex::decode(after).map_err(|_| malformed())?).map_err(|_| malformed())?;
@@ -134,20 +146,6 @@ fn value_size(v: &Value) -> usize {
     }
 }
 
-/// Parses a feed key text (a JSON array) into a key typed like the table's key columns.
-fn parse_key(table: &Table, pk: &str) -> Option<Key> {
-    let items: Vec<serde_json::Value> = serde_json::from_str(pk).ok()?;
-    let values = items
-        .into_iter()
-        .map(|item| match item {
-            serde_json::Value::Number(n) => n.as_i64().map(Value::Integer),
-            serde_json::Value::String(s) => Some(Value::Text(s)),
-            _ => None,
-        })
-        .collect::<Option<Vec<_>>>()?;
-    (values.len() == table.primary_key.len()).then_some(Key(values))
-}
-
 /// Serves one page of at most `max_rows` rows (and about `max_bytes` bytes).
 pub async fn page(
     store: &Store,
@@ -160,6 +158,13 @@ pub async fn page(
     let mut progress = begin(store, cursor).await?;
     let full = progress.phase != Phase::Incremental;
     let tables = received_tables(schema);
+    // A snapshot binds `after` as typed key values: refuse one that is not a key of its table.
+    if progress.phase == Phase::Snapshot
+        && !progress.after.is_empty()
+        && tables.get(progress.table).is_some_and(|t| key_params(store.backend(), t, &progress.after).is_none())
+    {
+        return Err(malformed());
+    }
     let mut upserts: Vec<TableRows> = Vec::new();
     let mut removals = Vec::new();
     let (mut rows_left, mut bytes) = (max_rows.max(1), 0usize);
@@ -188,11 +193,11 @@ pub async fn page(
         let mut group = TableRows {
             table: table.name.clone(),
             columns: table.columns.iter().map(|c| c.name.clone()).collect(),
-            versions: Vec::new(),
-            rows: Vec::new(),
+            versions: Vec::with_capacity(fetched),
+            rows: Vec::with_capacity(fetched),
         };
+        let last = rows.last().map(|row| row.pk.clone());
         for row in rows {
-            progress.after.clone_from(&row.pk);
             match row.values {
                 Some(values) => {
                     bytes += values.iter().map(value_size).sum::<usize>() + 8;
@@ -212,6 +217,9 @@ pub async fn page(
         }
         if !group.rows.is_empty() {
             upserts.push(group);
+        }
+        if let Some(last) = last {
+            progress.after = last;
         }
         rows_left -= fetched.min(rows_left);
         if fetched == 0 || rows_left > 0 {
@@ -259,8 +267,17 @@ mod tests {
         assert_eq!(back, p);
         assert!(matches!(parse("d.42"), Ok(Parsed::Done(42))));
         assert!(matches!(parse(""), Ok(Parsed::Start)));
-        for bad in ["x", "d.", "d.x", "p.q.1.2.3.00", "p.s.1.2.3.zz", "p.s.1.2", "d.1.2"] {
-            assert!(parse(bad).is_err(), "{bad}");
+        for bad in ["x", "d.", "d.x", "p.q.1.2.3.00", "p.k.1.2.3.zz", "p.k.1.2", "d.1.2"] {
+            assert!(matches!(parse(bad), Err(FeedError::Cursor(ErrorCode::BadRequest, _))), "{bad}");
         }
+    }
+
+    #[test]
+    fn snapshots_use_a_new_phase_letter_and_old_ones_expire() {
+        let p = Progress { phase: Phase::Snapshot, from: 0, to: 9, table: 1, after: "[7]".into() };
+        assert!(p.encode().0.starts_with("p.k.0.9.1."), "{}", p.encode().0);
+        // A snapshot cursor of an older server (key-text order) is sent back to a full receive.
+        let old = format!("p.s.0.9.1.{}", hex::encode("[7]"));
+        assert!(matches!(parse(&old), Err(FeedError::Cursor(ErrorCode::CursorExpired, _))));
     }
 }

@@ -52,6 +52,15 @@ pub struct AppliedEvent {
 /// Rows per multi-row apply-log insert (5 parameters each: well under both backends' limits).
 pub(crate) const APPLY_LOG_CHUNK: usize = 500;
 
+/// Bound parameters per multi-row statement: under SQLite's default limit (32,766) and
+/// PostgreSQL's (65,535).
+pub(crate) const MAX_PARAMS: usize = 30_000;
+
+/// Rows per multi-row statement when each row binds `per_row` parameters.
+pub(crate) fn rows_per_statement(per_row: usize) -> usize {
+    (MAX_PARAMS / per_row.max(1)).max(1)
+}
+
 /// The savepoints the apply engine uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Savepoint {
@@ -102,21 +111,23 @@ pub trait ApplyTx: Send {
         table: &str,
         temporary: i64,
     ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
-    /// Records a temporary → real key mapping for the device (durable, across batches).
-    fn record_real_key(
+    /// Records temporary → real key mappings `(table, temporary, real)` for the device (durable,
+    /// across batches), with as few statements as the backend's parameter limit allows.
+    fn record_real_keys(
         &mut self,
         device_id: &str,
-        table: &str,
-        temporary: i64,
-        real: i64,
+        mappings: &[(&str, i64, i64)],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Inserts a row (auto-numbered key columns omitted from `values`) and returns its key.
-    fn insert(
+    /// Inserts `rows`, each giving values for `columns` in that order (auto-numbered key columns
+    /// left out), with as few statements as the backend's parameter limit allows, and returns
+    /// their keys in the order of `rows`.
+    fn insert_rows(
         &mut self,
         table: &Table,
-        values: &[(&Column, Value)],
-    ) -> impl Future<Output = Result<Key, WriteError>> + Send;
+        columns: &[&Column],
+        rows: Vec<Vec<Value>>,
+    ) -> impl Future<Output = Result<Vec<Key>, WriteError>> + Send;
     /// Updates columns of the row with `key`; returns the number of rows changed (0 or 1).
     fn update(
         &mut self,
@@ -132,6 +143,13 @@ pub trait ApplyTx: Send {
         table: &Table,
         key: &Key,
     ) -> impl Future<Output = Result<Option<(Row, u64)>, StoreError>> + Send;
+    /// The rows with `keys` and their change-feed versions, in the order of `keys` (`None` for
+    /// a row that does not exist), with as few statements as the parameter limit allows.
+    fn read_rows(
+        &mut self,
+        table: &Table,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<Vec<Option<(Row, u64)>>, StoreError>> + Send;
 
     /// Whether the row of `table` with `key` exists and is in the scope of the user with `claims`.
     fn row_in_scope(
@@ -162,23 +180,46 @@ pub(crate) struct RowSql {
 }
 
 impl RowSql {
-    pub fn insert(&self, table: &Table, columns: &[&Column]) -> String {
-        let names: Vec<_> = columns.iter().map(|c| super::quote(&c.name)).collect();
-        let params: Vec<_> = (1..=columns.len()).map(self.placeholder).collect();
+    /// `INSERT … VALUES (…), (…) … RETURNING <key>` for `rows` rows of `columns`.
+    pub fn insert(&self, table: &Table, columns: &[&Column], rows: usize) -> String {
         let returning: Vec<_> = table.primary_key.iter().map(|c| super::quote(c)).collect();
         if columns.is_empty() {
+            // One row per statement: `DEFAULT VALUES` takes no list.
             return format!(
                 "INSERT INTO {} DEFAULT VALUES RETURNING {}",
                 super::quote(&table.name),
                 returning.join(", ")
             );
         }
+        let names: Vec<_> = columns.iter().map(|c| super::quote(&c.name)).collect();
+        let tuples: Vec<String> = (0..rows)
+            .map(|r| {
+                let params: Vec<_> = (1..=columns.len()).map(|i| (self.placeholder)(r * columns.len() + i)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
         format!(
-            "INSERT INTO {} ({}) VALUES ({}) RETURNING {}",
+            "INSERT INTO {} ({}) VALUES {} RETURNING {}",
             super::quote(&table.name),
             names.join(", "),
-            params.join(", "),
+            tuples.join(", "),
             returning.join(", ")
+        )
+    }
+
+    /// `INSERT INTO ferry_key_map … VALUES (…), …` for `rows` mappings (each binds device id,
+    /// table, temporary, real); a mapping already there is replaced.
+    pub fn key_map_insert(&self, rows: usize) -> String {
+        let tuples: Vec<String> = (0..rows)
+            .map(|r| {
+                let params: Vec<_> = (1..=4).map(|i| (self.placeholder)(r * 4 + i)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
+        format!(
+            "INSERT INTO ferry_key_map (device_id, tbl, temporary, real) VALUES {} \
+             ON CONFLICT (device_id, tbl, temporary) DO UPDATE SET real = excluded.real",
+            tuples.join(", ")
         )
     }
 
@@ -210,21 +251,29 @@ impl RowSql {
         format!("DELETE FROM {} WHERE {}", super::quote(&table.name), self.key_condition(table, 1))
     }
 
-    /// The row's columns and, last, its change-feed version, in one query. `key_text` builds the
-    /// dialect's feed key text from column expressions (`json_array(…)`, `jsonb_build_array(…)::text`).
-    pub fn select_with_version(&self, table: &Table, key_text: fn(&[String]) -> String) -> String {
+    /// The columns and, last, the change-feed version of the rows with `keys` keys, in one
+    /// query (rows in any order). `key_text` builds the dialect's feed key text from column
+    /// expressions (`json_array(…)`, `jsonb_build_array(…)::text`).
+    pub fn select_with_version(&self, table: &Table, keys: usize, key_text: fn(&[String]) -> String) -> String {
         // `ferry_t` cannot clash with a schema identifier (they may not start with `ferry_`).
         let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", super::quote(&c.name))).collect();
         let key: Vec<String> = table.primary_key.iter().map(|c| format!("ferry_t.{}", super::quote(c))).collect();
-        let conds: Vec<String> =
-            key.iter().enumerate().map(|(i, k)| format!("{k} = {}", (self.placeholder)(i + 1))).collect();
+        let width = key.len();
+        let tuples: Vec<String> = (0..keys)
+            .map(|r| {
+                let params: Vec<_> = (1..=width).map(|i| (self.placeholder)(r * width + i)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
         format!(
-            "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = {}) FROM {} AS ferry_t WHERE {}",
+            "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = {}) \
+             FROM {} AS ferry_t WHERE ({}) IN (VALUES {})",
             names.join(", "),
             table.name,
             key_text(&key),
             super::quote(&table.name),
-            conds.join(" AND ")
+            key.join(", "),
+            tuples.join(", ")
         )
     }
 }
@@ -232,4 +281,34 @@ impl RowSql {
 /// The key columns of `table` paired with the values of `key` (lengths checked by the engine).
 pub(crate) fn key_columns<'t>(table: &'t Table, key: &Key) -> Vec<(&'t Column, Value)> {
     table.primary_key.iter().zip(&key.0).filter_map(|(name, v)| table.column(name).map(|c| (c, v.clone()))).collect()
+}
+
+/// The keys of inserted `rows`, in the order of `rows`, from the keys the database `returned`
+/// (in any order). Where the rows carry their key columns, those are the keys; otherwise the key
+/// is auto-numbered, and the database numbers the rows of one statement in increasing order.
+pub(crate) fn keys_in_row_order(
+    table: &Table,
+    columns: &[&Column],
+    rows: &[Vec<Value>],
+    mut returned: Vec<Key>,
+) -> Result<Vec<Key>, StoreError> {
+    if returned.len() != rows.len() {
+        return Err(StoreError::Corrupt(format!("{} rows inserted, {} keys returned", rows.len(), returned.len())));
+    }
+    let positions: Option<Vec<usize>> =
+        table.primary_key.iter().map(|k| columns.iter().position(|c| &c.name == k)).collect();
+    if let Some(positions) = positions {
+        return Ok(rows.iter().map(|row| Key(positions.iter().map(|&p| row[p].clone()).collect())).collect());
+    }
+    returned.sort_by_key(|key| key.0.first().and_then(Value::as_integer));
+    Ok(returned)
+}
+
+/// `found` rows (in any order) matched to `keys`, in the order of `keys`.
+pub(crate) fn rows_in_key_order(table: &Table, keys: &[Key], found: Vec<(Row, u64)>) -> Vec<Option<(Row, u64)>> {
+    let key_of =
+        |row: &Row| Key(table.primary_key.iter().map(|k| row.get(k).cloned().unwrap_or(Value::Null)).collect());
+    let by_key: std::collections::HashMap<String, (Row, u64)> =
+        found.into_iter().map(|(row, version)| (key_of(&row).to_string(), (row, version))).collect();
+    keys.iter().map(|key| by_key.get(&key.to_string()).cloned()).collect()
 }

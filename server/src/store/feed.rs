@@ -3,15 +3,18 @@
 //! backend (`sqlite.rs`, `pg.rs`), which also decodes the rows.
 //!
 //! A receive reads, table by table (parents first), the *candidates* of a table:
-//! - full receive: every current row;
+//! - full receive (snapshot): every current row in scope, paged in primary-key order straight
+//!   off the table's primary-key index (`(k1, k2…) > (after…) ORDER BY k1, k2… LIMIT n`), so a
+//!   page costs its own rows, not the table;
 //! - incremental receive over positions `[from, to)`: the rows whose feed entry lies in the range
 //!   (tombstones included), plus — for tables scoped through a parent — the rows whose parent (or
 //!   grand-parent…) changed in the range, because a parent moving in or out of scope moves them.
+//!   These are paged in key-text order.
 //!
 //! Each candidate comes back with its current values (or none, if deleted) and an `in_scope`
 //! flag; rows out of scope or deleted become removals (keys only, never values).
 
-use ferry_protocol::{ColumnType, Schema, Scope, Table, Value};
+use ferry_protocol::{ColumnType, Key, Schema, Scope, Table, Value};
 
 use super::{Backend, quote};
 
@@ -89,6 +92,13 @@ impl<'a> FeedSql<'a> {
         }
     }
 
+    fn true_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "1",
+            Backend::Postgres => "true",
+        }
+    }
+
     /// Whether the row at alias `a` of `table` is in the user's scope (NULL when `a` is missing).
     pub fn in_scope(&mut self, table: &Table, alias: &str) -> String {
         let first_key = format!("{alias}.{}", quote(&table.primary_key[0]));
@@ -157,21 +167,18 @@ impl<'a> FeedSql<'a> {
         Some((column.clone(), parent))
     }
 
-    /// Key texts of the candidates of `table` for the range.
+    /// Key texts of the candidates of `table` for an incremental or catch-up range.
     fn candidates(&mut self, table: &Table, range: FeedRange) -> String {
-        if range.full {
-            // A snapshot: every current row in scope (rows out of scope are not candidates).
-            let scope = self.in_scope(table, "f");
-            return format!("SELECT {} AS pk FROM {} f WHERE {scope}", self.key_text("f", table), quote(&table.name));
-        }
         let from = self.param(Param::Int(range.from));
         let to = self.param(Param::Int(range.to));
-        let pk = match self.backend {
-            Backend::Sqlite => "pk",
-            Backend::Postgres => "pk COLLATE \"C\"",
+        // SQLite would rather walk the whole table's entries in key order (to skip the sort) than
+        // read the range by position and sort it: tell it which index costs the changes only.
+        let (pk, rows) = match self.backend {
+            Backend::Sqlite => ("pk", "ferry_rows INDEXED BY ferry_rows_by_position"),
+            Backend::Postgres => ("pk COLLATE \"C\"", "ferry_rows"),
         };
         let mut sql = format!(
-            "SELECT {pk} AS pk FROM ferry_rows WHERE tbl = '{}' AND position >= {from} AND position < {to}",
+            "SELECT {pk} AS pk FROM {rows} WHERE tbl = '{}' AND position >= {from} AND position < {to}",
             table.name
         );
         if let Some((column, parent)) = self.parent_of(table) {
@@ -186,9 +193,12 @@ impl<'a> FeedSql<'a> {
         sql
     }
 
-    /// One page of candidates after key text `after`: columns are `pk`, `version`, `in_scope`,
-    /// then the table's columns in schema order (NULL when the row is gone).
+    /// One page of candidates after key text `after` (empty: from the start): columns are `pk`,
+    /// `version`, `in_scope`, then the table's columns in schema order (NULL when the row is gone).
     pub fn page(&mut self, table: &Table, range: FeedRange, after: &str, limit: i64) -> String {
+        if range.full {
+            return self.snapshot_page(table, after, limit);
+        }
         let cand = self.candidates(table, range);
         let scope = self.in_scope(table, "t");
         let joins: Vec<_> = table
@@ -224,6 +234,41 @@ impl<'a> FeedSql<'a> {
         )
     }
 
+    /// A snapshot page: rows in scope after the key `after`, in key order along the primary-key
+    /// index. Every row is in scope; its version is one `ferry_rows` primary-key lookup.
+    ///
+    /// `after` is empty or a key [`key_params`] accepts (the cursor parser checks it); anything
+    /// else would restart the table, which repeats rows (harmless in a snapshot) but skips none.
+    fn snapshot_page(&mut self, table: &Table, after: &str, limit: i64) -> String {
+        let scope = self.in_scope(table, "t");
+        let keys: Vec<_> = table.primary_key.iter().map(|c| format!("t.{}", quote(c))).collect();
+        let mut filter = scope;
+        if let Some(params) = key_params(self.backend, table, after) {
+            let bounds: Vec<_> = params.into_iter().map(|p| self.param(p)).collect();
+            filter = match bounds.as_slice() {
+                [one] => format!("{filter} AND {} > {one}", keys[0]),
+                _ => format!("{filter} AND ({}) > ({})", keys.join(", "), bounds.join(", ")),
+            };
+        }
+        let limit = self.param(Param::Int(limit));
+        let pk = self.key_text("t", table);
+        let columns: Vec<_> = table.columns.iter().map(|c| format!("t.{}", quote(&c.name))).collect();
+        format!(
+            "SELECT {pk},
+                    COALESCE((SELECT fr.version FROM ferry_rows fr WHERE fr.tbl = '{name}' AND fr.pk = {pk}), 0),
+                    {yes}, {cols}
+             FROM {t} t
+             WHERE {filter}
+             ORDER BY {order}
+             LIMIT {limit}",
+            name = table.name,
+            yes = self.true_sql(),
+            cols = columns.join(", "),
+            t = quote(&table.name),
+            order = keys.join(", "),
+        )
+    }
+
     /// `SELECT EXISTS(…)`: whether the row of `table` with `key` exists and is in the user's scope.
     pub fn row_in_scope(&mut self, table: &Table, key: &ferry_protocol::Key) -> String {
         let scope = self.in_scope(table, "t");
@@ -245,9 +290,52 @@ impl<'a> FeedSql<'a> {
 
     /// How many candidates the table has in the range.
     pub fn count(&mut self, table: &Table, range: FeedRange) -> String {
+        if range.full {
+            let scope = self.in_scope(table, "t");
+            return format!("SELECT count(*) FROM {} t WHERE {scope}", quote(&table.name));
+        }
         let cand = self.candidates(table, range);
         format!("SELECT count(*) FROM ({cand}) c")
     }
+}
+
+/// Parses a feed key text (a JSON array of integers and texts) into a key with one value per key
+/// column of `table`.
+pub fn parse_key(table: &Table, text: &str) -> Option<Key> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(text).ok()?;
+    let values = items
+        .into_iter()
+        .map(|item| match item {
+            serde_json::Value::Number(n) => n.as_i64().map(Value::Integer),
+            serde_json::Value::String(s) => Some(Value::Text(s)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    (values.len() == table.primary_key.len()).then_some(Key(values))
+}
+
+/// The bound values of a snapshot position (a key text), or `None` when `text` is empty or not a
+/// key of `table`. PostgreSQL needs each value typed like its key column; SQLite compares values
+/// of mixed types in its own total order, the same order as `ORDER BY`, so any key it produced
+/// binds as it is.
+pub fn key_params(backend: Backend, table: &Table, text: &str) -> Option<Vec<Param>> {
+    let key = parse_key(table, text)?;
+    key.0
+        .into_iter()
+        .zip(&table.primary_key)
+        .map(|(value, column)| {
+            let ty = table.column(column).map(|c| c.ty);
+            match (value, backend, ty) {
+                (Value::Integer(i), Backend::Sqlite, _) | (Value::Integer(i), _, Some(ColumnType::Integer)) => {
+                    Some(Param::Int(i))
+                }
+                (Value::Text(t), Backend::Sqlite, _) | (Value::Text(t), _, Some(ColumnType::Text)) => {
+                    Some(Param::Text(t))
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// One candidate row of a page.

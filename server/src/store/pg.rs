@@ -67,14 +67,7 @@ impl PgStore {
                 );
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             }
-            let args: Vec<_> = table.primary_key.iter().map(|c| format!("'{c}'")).collect();
-            let trigger = format!(
-                "CREATE OR REPLACE TRIGGER ferry_capture AFTER INSERT OR UPDATE OR DELETE ON {}
-                 FOR EACH ROW EXECUTE FUNCTION ferry_capture({})",
-                quote(&table.name),
-                args.join(", ")
-            );
-            sqlx::query(AssertSqlSafe(trigger)).execute(&mut *tx).await?;
+            sqlx::raw_sql(AssertSqlSafe(capture_triggers(table))).execute(&mut *tx).await?;
             // Rows written before the trigger existed join the feed at position 0.
             let keys: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
             let backfill = format!(
@@ -100,6 +93,56 @@ impl PgStore {
     }
 }
 
+/// Statement-level capture triggers that keep `ferry_rows` (the change feed) up to date for one
+/// table, for Ferry's writes and anyone else's: one `INSERT … SELECT` over the statement's
+/// transition table, however many rows the statement wrote (a row-level trigger costs a
+/// function call and two queries per row). An update that moves a key leaves a tombstone for
+/// the old key. Replaces the row-level `ferry_capture` trigger of earlier versions.
+fn capture_triggers(table: &Table) -> String {
+    let name = &table.name;
+    let t = quote(name);
+    let function = quote(&format!("ferry_capture_{name}"));
+    let key = |alias: &str| {
+        let cols: Vec<_> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
+        format!("jsonb_build_array({})::text", cols.join(", "))
+    };
+    let upsert = |deleted: bool| {
+        format!(
+            "INSERT INTO ferry_rows (tbl, pk, version, position, deleted) \
+             SELECT '{name}', k, nextval('ferry_version_seq'), pg_current_xact_id()::text::bigint, {deleted} FROM ({{}}) AS c(k) \
+             ON CONFLICT (tbl, pk) DO UPDATE SET version = EXCLUDED.version, position = EXCLUDED.position, \
+             deleted = {deleted}, changed_at = now();"
+        )
+    };
+    let new_keys = format!("SELECT {} FROM ferry_new n", key("n"));
+    let old_keys = format!("SELECT {} FROM ferry_old o", key("o"));
+    let written = upsert(false).replace("{}", &new_keys);
+    let moved = upsert(true).replace("{}", &format!("{old_keys} EXCEPT {new_keys}"));
+    let deleted = upsert(true).replace("{}", &old_keys);
+    format!(
+        "DROP TRIGGER IF EXISTS ferry_capture ON {t};
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $ferry$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        {written}
+    ELSIF TG_OP = 'UPDATE' THEN
+        {moved}
+        {written}
+    ELSE
+        {deleted}
+    END IF;
+    RETURN NULL;
+END
+$ferry$;
+CREATE OR REPLACE TRIGGER ferry_capture_insert AFTER INSERT ON {t}
+    REFERENCING NEW TABLE AS ferry_new FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER ferry_capture_update AFTER UPDATE ON {t}
+    REFERENCING OLD TABLE AS ferry_old NEW TABLE AS ferry_new FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER ferry_capture_delete AFTER DELETE ON {t}
+    REFERENCING OLD TABLE AS ferry_old FOR EACH STATEMENT EXECUTE FUNCTION {function}();"
+    )
+}
+
 /// Test support: creates an empty database next to the one `base_url` names and returns its
 /// URL, so every test (and every e2e server) gets a database of its own.
 pub async fn create_scratch_database(base_url: &str) -> Result<String, StoreError> {
@@ -120,12 +163,117 @@ use sqlx::Postgres;
 use sqlx::postgres::PgRow;
 
 use super::apply_tx::{
-    APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns,
+    AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns, keys_in_row_order,
+    rows_in_key_order,
 };
 
 const SQL: RowSql = RowSql { placeholder: |n| format!("${n}") };
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, <Postgres as sqlx::Database>::Arguments>;
+
+/// `$n::type[]` for each column, in order: the arrays `UNNEST` turns into rows.
+fn unnest_arrays(columns: &[&Column]) -> String {
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::{}[]", i + 1, native_type(Backend::Postgres, c.ty)))
+        .collect();
+    format!("UNNEST({})", arrays.join(", "))
+}
+
+/// Inserts many rows with one parameter per column, so the statement text (and its prepared
+/// plan) is the same whatever the number of rows.
+fn unnest_insert(table: &Table, columns: &[&Column]) -> String {
+    let names: Vec<_> = columns.iter().map(|c| quote(&c.name)).collect();
+    let returning: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT * FROM {} RETURNING {}",
+        quote(&table.name),
+        names.join(", "),
+        unnest_arrays(columns),
+        returning.join(", ")
+    )
+}
+
+/// The columns and, last, the change-feed version of the rows whose keys are in the arrays.
+fn unnest_select(table: &Table, key_columns: &[&Column]) -> String {
+    let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
+    let key: Vec<String> = key_columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
+    format!(
+        "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = jsonb_build_array({})::text) \
+         FROM {} AS ferry_t WHERE ({}) IN (SELECT * FROM {})",
+        names.join(", "),
+        table.name,
+        key.join(", "),
+        quote(&table.name),
+        key.join(", "),
+        unnest_arrays(key_columns)
+    )
+}
+
+/// One column's values as a PostgreSQL array parameter.
+enum ColumnArray {
+    Integer(Vec<Option<i64>>),
+    Real(Vec<Option<f64>>),
+    Text(Vec<Option<String>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+}
+
+impl ColumnArray {
+    /// The values of `col` (already checked against its type by the apply engine).
+    fn of<'v>(col: &Column, values: impl Iterator<Item = &'v Value>) -> Result<ColumnArray, WriteError> {
+        let wrong = |v: &Value| WriteError::Value(format!("{} cannot hold {}", col.name, v.kind()));
+        Ok(match col.ty {
+            ColumnType::Integer => ColumnArray::Integer(
+                values
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Integer(i) => Ok(Some(*i)),
+                        other => Err(wrong(other)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            ColumnType::Real => ColumnArray::Real(
+                values
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Real(r) => Ok(Some(*r)),
+                        Value::Integer(i) => Ok(Some(*i as f64)),
+                        other => Err(wrong(other)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            ColumnType::Text | ColumnType::Blob => ColumnArray::Text(
+                values
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Text(t) => Ok(Some(t.clone())),
+                        Value::Blob(b) => Ok(Some(serde_json::to_string(b).unwrap_or_default())),
+                        other => Err(wrong(other)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            ColumnType::Bytes => ColumnArray::Bytes(
+                values
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Bytes(b) => Ok(Some(b.clone())),
+                        other => Err(wrong(other)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
+    }
+
+    fn bind_to(self, q: PgQuery<'_>) -> PgQuery<'_> {
+        match self {
+            ColumnArray::Integer(v) => q.bind(v),
+            ColumnArray::Real(v) => q.bind(v),
+            ColumnArray::Text(v) => q.bind(v),
+            ColumnArray::Bytes(v) => q.bind(v),
+        }
+    }
+}
 
 /// One batch transaction on PostgreSQL. The device row is locked `FOR UPDATE`, so two requests
 /// for one device — even on two server processes — apply one after the other.
@@ -249,39 +397,53 @@ impl ApplyTx for PgApplyTx {
             .await?)
     }
 
-    async fn record_real_key(
-        &mut self,
-        device_id: &str,
-        table: &str,
-        temporary: i64,
-        real: i64,
-    ) -> Result<(), StoreError> {
+    async fn record_real_keys(&mut self, device_id: &str, mappings: &[(&str, i64, i64)]) -> Result<(), StoreError> {
+        if mappings.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
-            "INSERT INTO ferry_key_map (device_id, tbl, temporary, real) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (device_id, tbl, temporary) DO UPDATE SET real = EXCLUDED.real",
+            "INSERT INTO ferry_key_map (device_id, tbl, temporary, real)
+             SELECT $1, * FROM UNNEST($2::text[], $3::bigint[], $4::bigint[])
+             ON CONFLICT (device_id, tbl, temporary) DO UPDATE SET real = excluded.real",
         )
         .bind(device_id)
-        .bind(table)
-        .bind(temporary)
-        .bind(real)
+        .bind(mappings.iter().map(|m| m.0).collect::<Vec<_>>())
+        .bind(mappings.iter().map(|m| m.1).collect::<Vec<_>>())
+        .bind(mappings.iter().map(|m| m.2).collect::<Vec<_>>())
         .execute(&mut *self.tx)
         .await?;
         Ok(())
     }
 
-    async fn insert(&mut self, table: &Table, values: &[(&Column, Value)]) -> Result<Key, WriteError> {
-        let cols: Vec<&Column> = values.iter().map(|(c, _)| *c).collect();
-        let mut q = sqlx::query(AssertSqlSafe(SQL.insert(table, &cols)));
-        for (c, v) in values {
-            q = bind(q, c, v.clone());
+    async fn insert_rows(
+        &mut self,
+        table: &Table,
+        columns: &[&Column],
+        rows: Vec<Vec<Value>>,
+    ) -> Result<Vec<Key>, WriteError> {
+        let sql = if columns.is_empty() { SQL.insert(table, columns, 1) } else { unnest_insert(table, columns) };
+        let statements: Vec<PgQuery<'_>> = if columns.is_empty() {
+            rows.iter().map(|_| sqlx::query(AssertSqlSafe(sql.clone()))).collect()
+        } else {
+            // One statement whatever the number of rows: a parameter per column (an array).
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (i, col) in columns.iter().enumerate() {
+                q = ColumnArray::of(col, rows.iter().map(|row| &row[i]))?.bind_to(q);
+            }
+            vec![q]
+        };
+        let mut returned = Vec::with_capacity(rows.len());
+        for q in statements {
+            for row in q.fetch_all(&mut *self.tx).await.map_err(classify)? {
+                let mut key = Vec::with_capacity(table.primary_key.len());
+                for (i, name) in table.primary_key.iter().enumerate() {
+                    let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
+                    key.push(decode(&row, i, col).map_err(StoreError::from)?);
+                }
+                returned.push(Key(key));
+            }
         }
-        let row = q.fetch_one(&mut *self.tx).await.map_err(classify)?;
-        let mut key = Vec::with_capacity(table.primary_key.len());
-        for (i, name) in table.primary_key.iter().enumerate() {
-            let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
-            key.push(decode(&row, i, col).map_err(StoreError::from)?);
-        }
-        Ok(Key(key))
+        Ok(keys_in_row_order(table, columns, &rows, returned)?)
     }
 
     async fn update(&mut self, table: &Table, key: &Key, values: &[(&Column, Value)]) -> Result<u64, WriteError> {
@@ -305,19 +467,30 @@ impl ApplyTx for PgApplyTx {
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(
-            SQL.select_with_version(table, |cols| format!("jsonb_build_array({})::text", cols.join(", "))),
-        ));
-        for (c, v) in key_columns(table, key) {
-            q = bind(q, c, v);
+        Ok(self.read_rows(table, std::slice::from_ref(key)).await?.pop().flatten())
+    }
+
+    async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<(Row, u64)>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        let Some(row) = q.fetch_optional(&mut *self.tx).await? else { return Ok(None) };
-        let mut values = Row::new();
-        for (i, col) in table.columns.iter().enumerate() {
-            values.insert(col.name.clone(), decode(&row, i, col)?);
+        let key_columns: Vec<&Column> = table.primary_key.iter().filter_map(|k| table.column(k)).collect();
+        let mut q = sqlx::query(AssertSqlSafe(unnest_select(table, &key_columns)));
+        for (i, col) in key_columns.iter().enumerate() {
+            let array = ColumnArray::of(col, keys.iter().map(|k| k.0.get(i).unwrap_or(&Value::Null)))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            q = array.bind_to(q);
         }
-        let version: Option<i64> = row.try_get(table.columns.len())?;
-        Ok(Some((values, version.unwrap_or(0) as u64)))
+        let mut found = Vec::with_capacity(keys.len());
+        for row in q.fetch_all(&mut *self.tx).await? {
+            let mut values = Row::new();
+            for (i, col) in table.columns.iter().enumerate() {
+                values.insert(col.name.clone(), decode(&row, i, col)?);
+            }
+            let version: Option<i64> = row.try_get(table.columns.len())?;
+            found.push((values, version.unwrap_or(0) as u64));
+        }
+        Ok(rows_in_key_order(table, keys, found))
     }
 
     async fn log_applied(
@@ -326,23 +499,20 @@ impl ApplyTx for PgApplyTx {
         batch_seq: u64,
         applied: &[AppliedEvent],
     ) -> Result<(), StoreError> {
-        for chunk in applied.chunks(APPLY_LOG_CHUNK) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 5;
-                    format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5)
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO ferry_apply_log (device_id, batch_seq, event_seq, tbl, op) VALUES {}",
-                values.join(", ")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for e in chunk {
-                q = q.bind(device_id).bind(batch_seq as i64).bind(e.seq as i64).bind(e.table.as_str()).bind(e.op);
-            }
-            q.execute(&mut *self.tx).await?;
+        if applied.is_empty() {
+            return Ok(());
         }
+        sqlx::query(
+            "INSERT INTO ferry_apply_log (device_id, batch_seq, event_seq, tbl, op)
+             SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[])",
+        )
+        .bind(device_id)
+        .bind(batch_seq as i64)
+        .bind(applied.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
+        .bind(applied.iter().map(|e| e.table.as_str()).collect::<Vec<_>>())
+        .bind(applied.iter().map(|e| e.op).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 

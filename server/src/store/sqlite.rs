@@ -141,6 +141,7 @@ use sqlx::sqlite::SqliteRow;
 
 use super::apply_tx::{
     APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns,
+    keys_in_row_order, rows_in_key_order, rows_per_statement,
 };
 
 const SQL: RowSql = RowSql { placeholder: |_| "?".to_string() };
@@ -269,37 +270,42 @@ impl ApplyTx for SqliteApplyTx {
             .await?)
     }
 
-    async fn record_real_key(
-        &mut self,
-        device_id: &str,
-        table: &str,
-        temporary: i64,
-        real: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT OR REPLACE INTO ferry_key_map (device_id, tbl, temporary, real) VALUES (?, ?, ?, ?)")
-            .bind(device_id)
-            .bind(table)
-            .bind(temporary)
-            .bind(real)
-            .execute(&mut *self.tx)
-            .await?;
+    async fn record_real_keys(&mut self, device_id: &str, mappings: &[(&str, i64, i64)]) -> Result<(), StoreError> {
+        for chunk in mappings.chunks(rows_per_statement(4)) {
+            let mut q = sqlx::query(AssertSqlSafe(SQL.key_map_insert(chunk.len())));
+            for (table, temporary, real) in chunk {
+                q = q.bind(device_id).bind(*table).bind(*temporary).bind(*real);
+            }
+            q.execute(&mut *self.tx).await?;
+        }
         Ok(())
     }
 
-    async fn insert(&mut self, table: &Table, values: &[(&Column, Value)]) -> Result<Key, WriteError> {
-        let cols: Vec<&Column> = values.iter().map(|(c, _)| *c).collect();
-        let sql = SQL.insert(table, &cols);
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (c, v) in values {
-            q = bind(q, c, v.clone());
+    async fn insert_rows(
+        &mut self,
+        table: &Table,
+        columns: &[&Column],
+        rows: Vec<Vec<Value>>,
+    ) -> Result<Vec<Key>, WriteError> {
+        let mut returned = Vec::with_capacity(rows.len());
+        let per_statement = if columns.is_empty() { 1 } else { rows_per_statement(columns.len()) };
+        for chunk in rows.chunks(per_statement) {
+            let mut q = sqlx::query(AssertSqlSafe(SQL.insert(table, columns, chunk.len())));
+            for row in chunk {
+                for (c, v) in columns.iter().zip(row) {
+                    q = bind(q, c, v.clone());
+                }
+            }
+            for row in q.fetch_all(&mut *self.tx).await.map_err(classify)? {
+                let mut key = Vec::with_capacity(table.primary_key.len());
+                for (i, name) in table.primary_key.iter().enumerate() {
+                    let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
+                    key.push(decode(&row, i, col).map_err(StoreError::from)?);
+                }
+                returned.push(Key(key));
+            }
         }
-        let row = q.fetch_one(&mut *self.tx).await.map_err(classify)?;
-        let mut key = Vec::with_capacity(table.primary_key.len());
-        for (i, name) in table.primary_key.iter().enumerate() {
-            let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
-            key.push(decode(&row, i, col).map_err(StoreError::from)?);
-        }
-        Ok(Key(key))
+        Ok(keys_in_row_order(table, columns, &rows, returned)?)
     }
 
     async fn update(&mut self, table: &Table, key: &Key, values: &[(&Column, Value)]) -> Result<u64, WriteError> {
@@ -323,19 +329,30 @@ impl ApplyTx for SqliteApplyTx {
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(
-            SQL.select_with_version(table, |cols| format!("json_array({})", cols.join(", "))),
-        ));
-        for (c, v) in key_columns(table, key) {
-            q = bind(q, c, v);
+        Ok(self.read_rows(table, std::slice::from_ref(key)).await?.pop().flatten())
+    }
+
+    async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<(Row, u64)>>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(rows_per_statement(table.primary_key.len())) {
+            let mut q = sqlx::query(AssertSqlSafe(
+                SQL.select_with_version(table, chunk.len(), |cols| format!("json_array({})", cols.join(", "))),
+            ));
+            for key in chunk {
+                for (c, v) in key_columns(table, key) {
+                    q = bind(q, c, v);
+                }
+            }
+            for row in q.fetch_all(&mut *self.tx).await? {
+                let mut values = Row::new();
+                for (i, col) in table.columns.iter().enumerate() {
+                    values.insert(col.name.clone(), decode(&row, i, col)?);
+                }
+                let version: Option<i64> = row.try_get(table.columns.len())?;
+                found.push((values, version.unwrap_or(0) as u64));
+            }
         }
-        let Some(row) = q.fetch_optional(&mut *self.tx).await? else { return Ok(None) };
-        let mut values = Row::new();
-        for (i, col) in table.columns.iter().enumerate() {
-            values.insert(col.name.clone(), decode(&row, i, col)?);
-        }
-        let version: Option<i64> = row.try_get(table.columns.len())?;
-        Ok(Some((values, version.unwrap_or(0) as u64)))
+        Ok(rows_in_key_order(table, keys, found))
     }
 
     async fn log_applied(
