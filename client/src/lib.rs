@@ -160,8 +160,10 @@ pub struct Tx<'c> {
 
 impl Tx<'_> {
     /// Executes one SQL statement with bound parameters; returns the number of changed rows.
+    /// The statement is prepared once per connection and cached (preparing a write to a synced
+    /// table compiles its capture triggers too).
     pub fn execute(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
-        Ok(self.tx.execute(sql, params)?)
+        Ok(self.tx.prepare_cached(sql)?.execute(params)?)
     }
 
     /// Executes several SQL statements without parameters.
@@ -344,8 +346,7 @@ impl Client {
             let conn = self.lock();
             let schema = self.require_schema(&conn)?;
             let inflight = db::log::inflight_batch(&conn)?;
-            let entries = db::log::pending_entries(&conn, &schema)?;
-            let planned = engine::batcher::plan(&entries, &self.config.batch_limits).len() as u64;
+            let planned = db::log::planned_batches(&conn, &schema, &self.config.batch_limits)?;
             (db::log::unsent_count(&conn)?, planned + u64::from(inflight.is_some()))
         };
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };

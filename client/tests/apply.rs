@@ -293,7 +293,7 @@ fn a_local_transaction_larger_than_the_read_window_still_travels_whole() {
     cfg.batch_limits = ferry_client::BatchLimits { max_events: 10, ..Default::default() };
     let c = Client::open(dir.path().join("d.db"), cfg).unwrap();
     c.install_schema(&schema()).unwrap();
-    // 100 events in one local transaction: far more than the cut's read window (2 × 10).
+    // 100 events in one local transaction: far more than the cut's first read window (10 + 1).
     c.transaction(|tx| {
         for i in 0..100 {
             tx.execute("INSERT INTO customer(name) VALUES (?1)", [format!("c{i}")])?;

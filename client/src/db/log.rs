@@ -155,15 +155,59 @@ fn to_event(schema: &Schema, e: &RawEntry) -> Result<Event> {
 /// The entries `send` may batch, in device order: pending events and checkpoints. Rejected and
 /// in-flight events are skipped (rejected ones stay in the log until retried or discarded).
 pub fn pending_entries(conn: &Connection, schema: &Schema) -> Result<Vec<LogEntry>> {
-    pending_window(conn, schema, i64::MAX)
+    pending_window(conn, schema, 0, i64::MAX)
 }
 
-/// The first `limit` entries of [`pending_entries`].
-fn pending_window(conn: &Connection, schema: &Schema, limit: i64) -> Result<Vec<LogEntry>> {
+/// How many batches the pending log makes, as successive `send` calls would cut it (the number
+/// of [`crate::engine::batcher::plan`] of [`pending_entries`]), reading the log a window at a time
+/// so that memory stays flat whatever the backlog.
+pub fn planned_batches(
+    conn: &Connection,
+    schema: &Schema,
+    limits: &crate::engine::batcher::BatchLimits,
+) -> Result<u64> {
+    let mut batches = 0;
+    let mut after = 0;
+    loop {
+        let entries = window_for_cut(conn, schema, after, limits)?;
+        let cut = crate::engine::batcher::next_batch(&entries, limits);
+        if cut.events > 0 {
+            batches += 1;
+        }
+        let Some(last) = cut.consumed.checked_sub(1).and_then(|i| entries.get(i)) else { return Ok(batches) };
+        after = match last {
+            LogEntry::Event(e) => e.seq as i64,
+            LogEntry::Checkpoint(c) => c.seq as i64,
+        };
+    }
+}
+
+/// The pending entries after seq `after`, as many as the next cut needs: a window a little
+/// larger than a batch, grown while the cut reaches its end (a local transaction may continue
+/// past it), so cutting costs the batch's size, not the backlog's.
+fn window_for_cut(
+    conn: &Connection,
+    schema: &Schema,
+    after: i64,
+    limits: &crate::engine::batcher::BatchLimits,
+) -> Result<Vec<LogEntry>> {
+    let mut window = limits.max_events.saturating_add(1).max(64) as i64;
+    loop {
+        let entries = pending_window(conn, schema, after, window)?;
+        if (entries.len() as i64) < window || cut_fits(&entries, limits) {
+            return Ok(entries);
+        }
+        window = window.saturating_mul(2);
+    }
+}
+
+/// The first `limit` entries of [`pending_entries`] after seq `after`.
+fn pending_window(conn: &Connection, schema: &Schema, after: i64, limit: i64) -> Result<Vec<LogEntry>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE status = 'pending' OR kind = 'checkpoint' ORDER BY seq LIMIT ?1"
+        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE seq > ?1 AND (status = 'pending' OR kind = 'checkpoint')
+         ORDER BY seq LIMIT ?2"
     ))?;
-    let rows = stmt.query_map([limit], raw)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = stmt.query_map([after, limit], raw)?.collect::<Result<Vec<_>, _>>()?;
     rows.iter()
         .map(|e| {
             if e.kind == "checkpoint" {
@@ -322,51 +366,49 @@ pub fn prepare_next_batch(
         return Ok(Some(batch));
     }
     let tx = conn.transaction()?;
-    // Read only as much of the log as the next cut needs: a window a little larger than a batch,
-    // grown while the cut reaches its end (a local transaction may continue past it), so cutting
-    // costs the batch's size, not the backlog's.
-    let mut window = limits.max_events.saturating_mul(2).max(64) as i64;
-    let entries = loop {
-        let entries = pending_window(&tx, schema, window)?;
-        if (entries.len() as i64) < window || cut_fits(&entries, limits) {
-            break entries;
-        }
-        window = window.saturating_mul(2);
-    };
-    let mut rest = entries.as_slice();
-    let batch = loop {
-        let cut = crate::engine::batcher::next_batch(rest, limits);
-        for entry in &rest[..cut.consumed] {
-            match entry {
-                LogEntry::Checkpoint(c) => {
-                    tx.execute("DELETE FROM ferry_log WHERE seq = ?1", [c.seq as i64])?;
-                }
-                LogEntry::Event(_) => {}
+    let entries = window_for_cut(&tx, schema, 0, limits)?;
+    let mut delete_checkpoint = tx.prepare_cached("DELETE FROM ferry_log WHERE seq = ?1 AND kind = 'checkpoint'")?;
+    // Cuts that consume only checkpoints are skipped; the first cut with events is the batch.
+    let mut start = 0;
+    let end = loop {
+        let cut = crate::engine::batcher::next_batch(&entries[start..], limits);
+        for entry in &entries[start..start + cut.consumed] {
+            if let LogEntry::Checkpoint(c) = entry {
+                delete_checkpoint.execute([c.seq as i64])?;
             }
         }
         if cut.events > 0 || cut.consumed == 0 {
-            let events: Vec<Event> = rest[..cut.consumed]
-                .iter()
-                .filter_map(|e| match e {
-                    LogEntry::Event(ev) => Some(ev.clone()),
-                    LogEntry::Checkpoint(_) => None,
-                })
-                .collect();
-            break events;
+            break start + cut.consumed;
         }
-        rest = &rest[cut.consumed..];
+        start += cut.consumed;
     };
-    if batch.is_empty() {
+    let batch: Vec<Event> = entries
+        .into_iter()
+        .take(end)
+        .skip(start)
+        .filter_map(|e| match e {
+            LogEntry::Event(ev) => Some(ev),
+            LogEntry::Checkpoint(_) => None,
+        })
+        .collect();
+    drop(delete_checkpoint);
+    let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
         tx.commit()?;
         return Ok(None);
-    }
+    };
     let batch_seq = crate::db::next_batch_seq(&tx)?;
     let device_id = crate::db::device_id(&tx)?;
-    {
-        let mut mark = tx.prepare_cached("UPDATE ferry_log SET status = 'in_flight', batch_seq = ?1 WHERE seq = ?2")?;
-        for ev in &batch {
-            mark.execute(params![batch_seq as i64, ev.seq as i64])?;
-        }
+    // The batch is a run of consecutive pending entries (the window holds every pending event and
+    // checkpoint in order, and its checkpoints are deleted above), so its events are exactly the
+    // pending events between its first and last seq.
+    let marked = tx
+        .prepare_cached(
+            "UPDATE ferry_log SET status = 'in_flight', batch_seq = ?1
+             WHERE seq BETWEEN ?2 AND ?3 AND status = 'pending' AND kind <> 'checkpoint'",
+        )?
+        .execute(params![batch_seq as i64, first.seq as i64, last.seq as i64])?;
+    if marked != batch.len() {
+        return Err(Error::Corrupt(format!("marked {marked} log entries in flight for a batch of {}", batch.len())));
     }
     let batch = ferry_protocol::Batch::new(device_id, batch_seq, schema.version.clone(), batch);
     let body = postcard::to_stdvec(&batch).map_err(|e| Error::Corrupt(format!("encoding batch: {e}")))?;

@@ -5,8 +5,11 @@
 //! - `ferry_meta`: device id, installed schema (JSON), next batch sequence number;
 //! - `ferry_ctl`: one row: current local transaction id, the `applying` flag that switches capture
 //!   off while the sync itself writes, and the last temporary key handed out;
-//! - `ferry_log`: the pending log (events and checkpoints, in device order);
-//! - `ferry_versions`: the server version of each row the device last saw;
+//! - `ferry_log`: the pending log (events and checkpoints, in device order); its `batch_seq`
+//!   index holds only entries in flight (databases created before keep a full index);
+//! - `ferry_versions`: the server version of each row the device last saw (`WITHOUT ROWID`, one
+//!   B-tree keyed by table and key text; databases created before that keep the rowid form, which
+//!   every statement handles the same);
 //! - `ferry_inflight`: the exact batch being uploaded (postcard), so a crash re-sends it unchanged;
 //! - `ferry_staged`: the pages of the receive in progress (postcard), applied together once the
 //!   last one is in; `ferry_meta` keys `cursor`, `receive_next` and `receive_full` track it.
@@ -51,16 +54,19 @@ CREATE TABLE IF NOT EXISTS ferry_log(
   server_row TEXT
 );
 CREATE INDEX IF NOT EXISTS ferry_log_row ON ferry_log(tbl, pk);
-CREATE INDEX IF NOT EXISTS ferry_log_batch ON ferry_log(batch_seq);
+CREATE INDEX IF NOT EXISTS ferry_log_batch ON ferry_log(batch_seq) WHERE batch_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS ferry_versions(
   tbl TEXT NOT NULL,
   pk TEXT NOT NULL,
   version INTEGER NOT NULL,
   PRIMARY KEY (tbl, pk)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
 "#;
+
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE_CAPACITY: usize = 128;
 
 /// Opens (creating if needed) the device database: WAL, foreign keys on, Ferry's tables migrated,
 /// a device id generated on first open. The `applying` flag is reset (a crash mid-apply rolled
@@ -70,6 +76,9 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // The sync prepares its statements once and reuses them (a batch cycle alone uses about 20,
+    // plus the app's own): room for all of them, so none is compiled again per batch or page.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     conn.execute_batch(MIGRATION)?;
     conn.execute("UPDATE ferry_ctl SET applying = 0 WHERE id = 1", [])?;
     if meta_get(&conn, "device_id")?.is_none() {
@@ -84,23 +93,24 @@ pub fn open(path: &Path) -> Result<Connection> {
 /// Reads a `ferry_meta` value.
 pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn
-        .query_row("SELECT value FROM ferry_meta WHERE key = ?1", [key], |r| r.get::<_, Option<String>>(0))
+        .prepare_cached("SELECT value FROM ferry_meta WHERE key = ?1")?
+        .query_row([key], |r| r.get::<_, Option<String>>(0))
         .optional()?
         .flatten())
 }
 
 /// Deletes a `ferry_meta` value.
 pub fn meta_delete(conn: &Connection, key: &str) -> Result<()> {
-    conn.execute("DELETE FROM ferry_meta WHERE key = ?1", [key])?;
+    conn.prepare_cached("DELETE FROM ferry_meta WHERE key = ?1")?.execute([key])?;
     Ok(())
 }
 
 /// Writes a `ferry_meta` value.
 pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO ferry_meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )?;
+    )?
+    .execute(params![key, value])?;
     Ok(())
 }
 
@@ -125,7 +135,7 @@ pub fn next_batch_seq(conn: &Connection) -> Result<u64> {
 
 /// Switches capture off (`true`) or on (`false`) for writes made by the sync itself.
 pub fn set_applying(conn: &Connection, on: bool) -> Result<()> {
-    conn.execute("UPDATE ferry_ctl SET applying = ?1 WHERE id = 1", [on as i64])?;
+    conn.prepare_cached("UPDATE ferry_ctl SET applying = ?1 WHERE id = 1")?.execute([on as i64])?;
     Ok(())
 }
 

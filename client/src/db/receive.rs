@@ -9,12 +9,14 @@
 //! Each page is staged together with its `next` cursor in one local transaction, so an
 //! interrupted receive resumes after the last complete page with the same target.
 
+use std::collections::{HashMap, HashSet};
+
 use ferry_protocol::codec::DEFAULT_MAX_MESSAGE_BYTES;
-use ferry_protocol::{ChangePage, Cursor, Encoding, Key, Removal, Row, Schema, TableRows};
-use rusqlite::{Connection, params};
+use ferry_protocol::{ChangePage, Cursor, Encoding, Removal, Schema, Table, TableRows, Value};
+use rusqlite::{CachedStatement, Connection, params};
 
 use crate::db::schema::key_array;
-use crate::db::values::{key_json, key_where, upsert_row};
+use crate::db::values::{SqlRef, Upsert, VersionWriter, key_clause, push_key_json};
 use crate::db::{meta_delete, meta_get, meta_set, quote, set_applying};
 use crate::engine::receive::ApplyStats;
 use crate::error::{Error, Result};
@@ -57,10 +59,10 @@ pub fn state(conn: &Connection) -> Result<ReceiveState> {
 pub fn stage_page(conn: &mut Connection, page: &ChangePage) -> Result<()> {
     let body = Encoding::Postcard.encode(page)?;
     let tx = conn.transaction()?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO ferry_staged(page, body) VALUES ((SELECT coalesce(max(page), 0) + 1 FROM ferry_staged), ?1)",
-        [body],
-    )?;
+    )?
+    .execute([body])?;
     meta_set(&tx, "receive_next", &page.next.0)?;
     if page.full {
         meta_set(&tx, "receive_full", "1")?;
@@ -146,17 +148,19 @@ fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
             )?;
         }
     }
+    let mut applier = Applier::new(&tx, schema)?;
     let mut next = None;
     for n in pages {
         let body: Vec<u8> = tx.query_row("SELECT body FROM ferry_staged WHERE page = ?1", [n], |r| r.get(0))?;
         let page: ChangePage = Encoding::Postcard
             .decode(&body, DEFAULT_MAX_MESSAGE_BYTES.saturating_mul(4))
             .map_err(|e| Error::Corrupt(format!("staged page {n}: {e}")))?;
-        apply_page(&tx, schema, &page, &mut stats)?;
+        applier.page(&page, &mut stats)?;
         if page.last {
             next = Some(page.next);
         }
     }
+    drop(applier);
     let next = next.ok_or_else(|| Error::Corrupt("no last page among the staged pages".into()))?;
     meta_set(&tx, "cursor", &next.0)?;
     clear_staged(&tx)?;
@@ -169,82 +173,149 @@ fn table_index(schema: &Schema, name: &str) -> Result<usize> {
     schema.tables.iter().position(|t| t.name == name).ok_or_else(|| Error::NotInSchema(format!("table {name}")))
 }
 
-fn has_local_change(conn: &Connection, table: &str, pk: &str) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT EXISTS(SELECT 1 FROM ferry_log WHERE tbl = ?1 AND pk = ?2)")?
-        .query_row(params![table, pk], |r| r.get(0))?)
+/// The keys of the rows that have entries in the pending log (unsent, in flight or failed local
+/// changes), by table: the rows a receive leaves alone (R12). Loaded with one query; the log is
+/// usually small, and when it is empty no received key needs a lookup at all.
+#[derive(Debug, Default)]
+struct LocalChanges {
+    keys: HashMap<String, HashSet<String>>,
 }
 
-/// Applies one page: upserts parents first, then removals children first. Capture must be off.
-fn apply_page(conn: &Connection, schema: &Schema, page: &ChangePage, stats: &mut ApplyStats) -> Result<()> {
-    let mut upserts: Vec<(usize, &TableRows)> =
-        page.upserts.iter().map(|t| Ok((table_index(schema, &t.table)?, t))).collect::<Result<_>>()?;
-    upserts.sort_by_key(|(i, _)| *i);
-    for (i, rows) in upserts {
-        apply_rows(conn, schema, i, rows, stats)?;
-    }
-    let mut removals: Vec<(usize, &Removal)> =
-        page.removals.iter().map(|r| Ok((table_index(schema, &r.table)?, r))).collect::<Result<_>>()?;
-    removals.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-    for (i, removal) in removals {
-        let table = &schema.tables[i];
-        let pk = key_json(conn, &removal.key)?;
-        if has_local_change(conn, &table.name, &pk)? {
-            stats.rows_skipped += 1;
-            continue;
+impl LocalChanges {
+    /// Reads the keys of every row mentioned in `ferry_log`.
+    fn load(conn: &Connection) -> Result<Self> {
+        let mut keys: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut stmt =
+            conn.prepare_cached("SELECT DISTINCT tbl, pk FROM ferry_log WHERE tbl IS NOT NULL AND pk IS NOT NULL")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            keys.entry(row.get(0)?).or_default().insert(row.get(1)?);
         }
-        let (clause, values) = key_where(table, &removal.key)?;
-        let n = conn.execute(
-            &format!("DELETE FROM {} WHERE {clause}", quote(&table.name)),
-            rusqlite::params_from_iter(values),
-        )?;
-        conn.execute("DELETE FROM ferry_versions WHERE tbl = ?1 AND pk = ?2", params![table.name, pk])?;
-        stats.rows_removed += n as u64;
+        Ok(LocalChanges { keys })
     }
-    Ok(())
+
+    /// The keys (as [`push_key_json`] prints them) of `table`'s rows with log entries, if any.
+    fn of(&self, table: &str) -> Option<&HashSet<String>> {
+        self.keys.get(table)
+    }
 }
 
-fn apply_rows(
-    conn: &Connection,
-    schema: &Schema,
-    index: usize,
-    rows: &TableRows,
-    stats: &mut ApplyStats,
-) -> Result<()> {
-    let table = &schema.tables[index];
-    let key_pos = table
-        .primary_key
-        .iter()
-        .map(|k| {
-            rows.columns
-                .iter()
-                .position(|c| c == k)
-                .ok_or_else(|| Error::Corrupt(format!("received rows of {} lack key column {k}", table.name)))
+/// The statements and buffers one apply reuses across pages.
+struct Applier<'c> {
+    conn: &'c Connection,
+    schema: &'c Schema,
+    local: LocalChanges,
+    versions: VersionWriter<'c>,
+    unversion: CachedStatement<'c>,
+    /// The key text of the current row.
+    pk: String,
+    /// The key texts of the rows of the current group, one after another.
+    pks: String,
+}
+
+impl<'c> Applier<'c> {
+    fn new(conn: &'c Connection, schema: &'c Schema) -> Result<Self> {
+        Ok(Applier {
+            conn,
+            schema,
+            local: LocalChanges::load(conn)?,
+            versions: VersionWriter::new(conn),
+            unversion: conn.prepare_cached("DELETE FROM ferry_versions WHERE tbl = ?1 AND pk = ?2")?,
+            pk: String::new(),
+            pks: String::new(),
         })
-        .collect::<Result<Vec<_>>>()?;
-    if rows.versions.len() != rows.rows.len() {
-        return Err(Error::Corrupt(format!("received rows of {} do not match their versions", table.name)));
     }
-    for (values, version) in rows.rows.iter().zip(&rows.versions) {
-        if values.len() != rows.columns.len() {
-            return Err(Error::Corrupt(format!("a received row of {} has the wrong number of values", table.name)));
+
+    /// Applies one page: upserts parents first, then removals children first. Capture must be off.
+    fn page(&mut self, page: &ChangePage, stats: &mut ApplyStats) -> Result<()> {
+        let schema = self.schema;
+        let mut upserts: Vec<(usize, &TableRows)> =
+            page.upserts.iter().map(|t| Ok((table_index(schema, &t.table)?, t))).collect::<Result<_>>()?;
+        upserts.sort_by_key(|(i, _)| *i);
+        for (i, rows) in upserts {
+            self.rows(&schema.tables[i], rows, stats)?;
         }
-        let key = Key(key_pos.iter().map(|&p| values[p].clone()).collect());
-        let pk = key_json(conn, &key)?;
-        if has_local_change(conn, &table.name, &pk)? {
-            // R12: the local row keeps its state (and its version: the device has not seen this one).
-            stats.rows_skipped += 1;
-            continue;
+        let mut removals: Vec<(usize, &Removal)> =
+            page.removals.iter().map(|r| Ok((table_index(schema, &r.table)?, r))).collect::<Result<_>>()?;
+        removals.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        // One delete statement per table, prepared when the table's removals start.
+        let mut delete: Option<(usize, CachedStatement<'c>)> = None;
+        for (i, removal) in removals {
+            let table = &schema.tables[i];
+            if removal.key.0.len() != table.primary_key.len() {
+                return Err(Error::Corrupt(format!("removal key {} does not fit table {}", removal.key, table.name)));
+            }
+            push_key_json(self.conn, &removal.key.0, &mut self.pk)?;
+            if self.local.of(&table.name).is_some_and(|keys| keys.contains(&self.pk)) {
+                stats.rows_skipped += 1;
+                continue;
+            }
+            let stmt = match &mut delete {
+                Some((d, stmt)) if *d == i => stmt,
+                slot => {
+                    let sql = format!("DELETE FROM {} WHERE {}", quote(&table.name), key_clause(table));
+                    &mut slot.insert((i, self.conn.prepare_cached(&sql)?)).1
+                }
+            };
+            let n = stmt.execute(rusqlite::params_from_iter(removal.key.0.iter().map(SqlRef)))?;
+            self.unversion.execute(params![table.name, self.pk])?;
+            stats.rows_removed += n as u64;
         }
-        let row: Row = rows.columns.iter().cloned().zip(values.iter().cloned()).collect();
-        upsert_row(conn, table, &row)?;
-        let version = i64::try_from(*version).map_err(|_| Error::Corrupt(format!("row version {version}")))?;
-        conn.prepare_cached(
-            "INSERT INTO ferry_versions(tbl, pk, version) VALUES (?1, ?2, ?3)
-             ON CONFLICT(tbl, pk) DO UPDATE SET version = excluded.version",
-        )?
-        .execute(params![table.name, pk, version])?;
-        stats.rows_upserted += 1;
+        Ok(())
     }
-    Ok(())
+
+    /// Upserts the rows of one table group (statements prepared once for the group, many rows per
+    /// execution) and records their versions; rows with local changes are skipped (R12).
+    fn rows(&mut self, table: &Table, rows: &TableRows, stats: &mut ApplyStats) -> Result<()> {
+        let key_pos = table
+            .primary_key
+            .iter()
+            .map(|k| {
+                rows.columns
+                    .iter()
+                    .position(|c| c == k)
+                    .ok_or_else(|| Error::Corrupt(format!("received rows of {} lack key column {k}", table.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if rows.versions.len() != rows.rows.len() {
+            return Err(Error::Corrupt(format!("received rows of {} do not match their versions", table.name)));
+        }
+        let local = self.local.of(&table.name);
+        let mut kept: Vec<&[Value]> = Vec::with_capacity(rows.rows.len());
+        // (end of the row's key text in `pks`, version)
+        let mut kept_versions: Vec<(usize, i64)> = Vec::with_capacity(rows.rows.len());
+        let mut key: Vec<&Value> = Vec::with_capacity(key_pos.len());
+        self.pks.clear();
+        for (values, version) in rows.rows.iter().zip(&rows.versions) {
+            if values.len() != rows.columns.len() {
+                return Err(Error::Corrupt(format!("a received row of {} has the wrong number of values", table.name)));
+            }
+            key.clear();
+            key.extend(key_pos.iter().map(|&p| &values[p]));
+            push_key_json(self.conn, &key, &mut self.pk)?;
+            if local.is_some_and(|keys| keys.contains(&self.pk)) {
+                // R12: the local row keeps its state (and its version: the device has not seen this one).
+                stats.rows_skipped += 1;
+                continue;
+            }
+            let version = i64::try_from(*version).map_err(|_| Error::Corrupt(format!("row version {version}")))?;
+            self.pks.push_str(&self.pk);
+            kept.push(values);
+            kept_versions.push((self.pks.len(), version));
+        }
+        let columns: Vec<&str> = rows.columns.iter().map(String::as_str).collect();
+        Upsert::prepare(self.conn, table, &columns)?.execute_rows(&kept)?;
+        let mut start = 0;
+        let versions: Vec<(&str, &str, i64)> = kept_versions
+            .iter()
+            .map(|&(end, version)| {
+                let pk = &self.pks[start..end];
+                start = end;
+                (table.name.as_str(), pk, version)
+            })
+            .collect();
+        self.versions.write(&versions)?;
+        stats.rows_upserted += kept.len() as u64;
+        Ok(())
+    }
 }

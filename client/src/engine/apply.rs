@@ -1,10 +1,12 @@
 //! Applying a [`BatchResult`] to the local database (R4, R6, R7, R12), in one transaction with
 //! capture off.
 
-use ferry_protocol::{BatchResult, FailureCode, Key, KeyRemap, Outcome, Row, RowImage, Schema, Value};
-use rusqlite::{Connection, OptionalExtension, params};
+use std::fmt::Write as _;
 
-use crate::db::values::{key_json, upsert_row, value_to_json};
+use ferry_protocol::{BatchResult, FailureCode, Key, KeyRemap, Outcome, Row, RowImage, Schema, Table, Value};
+use rusqlite::{Connection, params};
+
+use crate::db::values::{Upsert, VersionWriter, push_key_json, value_to_json};
 use crate::db::{quote, set_applying};
 use crate::error::{Error, Result};
 
@@ -19,23 +21,34 @@ fn row_json(row: &Row) -> String {
 /// pending again; key remaps rewrite rows, children (by `ON UPDATE CASCADE`) and every log entry
 /// that mentions the temporary key; row images update versions, and the local row only when no
 /// local change to it remains in the log (R12). Finally the in-flight batch is cleared.
+///
+/// The work is set-based: one statement deletes every applied event, one puts the rest of the
+/// batch back to pending, and images are written many rows per statement (see [`apply_images`]);
+/// only failed events take a statement each.
 pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult) -> Result<()> {
     let tx = conn.transaction()?;
     set_applying(&tx, true)?;
     let batch_seq = i64::try_from(result.batch_seq).map_err(|_| Error::ResultMismatch("batch_seq".into()))?;
-    for o in &result.outcomes {
-        let seq = i64::try_from(o.seq).map_err(|_| Error::ResultMismatch(format!("seq {}", o.seq)))?;
-        match &o.outcome {
-            Outcome::Applied => {
-                tx.prepare_cached("DELETE FROM ferry_log WHERE seq = ?1 AND batch_seq = ?2")?
-                    .execute(params![seq, batch_seq])?;
-            }
-            Outcome::Failed(f) => {
-                let status = if f.code == FailureCode::DependencyFailed { "dependency_rejected" } else { "rejected" };
-                tx.execute(
-                    "UPDATE ferry_log SET status = ?1, failure_code = ?2, failure_message = ?3, failure_column = ?4,
-                       server_row = ?5, batch_seq = NULL WHERE seq = ?6 AND batch_seq = ?7",
-                    params![
+    // The applied events' seqs, as a JSON array for `json_each`.
+    let mut applied = String::from("[");
+    {
+        let mut fail = tx.prepare_cached(
+            "UPDATE ferry_log SET status = ?1, failure_code = ?2, failure_message = ?3, failure_column = ?4,
+               server_row = ?5, batch_seq = NULL WHERE seq = ?6 AND batch_seq = ?7",
+        )?;
+        for o in &result.outcomes {
+            let seq = i64::try_from(o.seq).map_err(|_| Error::ResultMismatch(format!("seq {}", o.seq)))?;
+            match &o.outcome {
+                Outcome::Applied => {
+                    if applied.len() > 1 {
+                        applied.push(',');
+                    }
+                    let _ = write!(applied, "{seq}");
+                }
+                Outcome::Failed(f) => {
+                    let status =
+                        if f.code == FailureCode::DependencyFailed { "dependency_rejected" } else { "rejected" };
+                    fail.execute(params![
                         status,
                         f.code.as_str(),
                         f.message,
@@ -43,26 +56,23 @@ pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult
                         f.server_row.as_ref().map(row_json),
                         seq,
                         batch_seq
-                    ],
-                )?;
-            }
-            Outcome::NotApplied => {
-                tx.execute(
-                    "UPDATE ferry_log SET status = 'pending', batch_seq = NULL WHERE seq = ?1 AND batch_seq = ?2",
-                    params![seq, batch_seq],
-                )?;
+                    ])?;
+                }
+                // Still in flight: made pending again below, with the events the answer omits.
+                Outcome::NotApplied => {}
             }
         }
     }
-    // Anything of this batch the answer did not mention goes back to pending.
-    tx.execute(
+    applied.push(']');
+    tx.prepare_cached("DELETE FROM ferry_log WHERE batch_seq = ?1 AND seq IN (SELECT value FROM json_each(?2))")?
+        .execute(params![batch_seq, applied])?;
+    // Not-applied events, and anything of this batch the answer did not mention, go back to pending.
+    tx.prepare_cached(
         "UPDATE ferry_log SET status = 'pending', batch_seq = NULL WHERE batch_seq = ?1 AND status = 'in_flight'",
-        [batch_seq],
-    )?;
+    )?
+    .execute([batch_seq])?;
     apply_remaps(&tx, schema, &result.remaps)?;
-    for image in &result.images {
-        apply_image(&tx, schema, image)?;
-    }
+    apply_images(&tx, schema, &result.images)?;
     tx.execute("DELETE FROM ferry_inflight WHERE batch_seq = ?1", [batch_seq])?;
     set_applying(&tx, false)?;
     tx.commit()?;
@@ -85,40 +95,51 @@ pub fn apply_remaps(conn: &Connection, schema: &Schema, remaps: &[KeyRemap]) -> 
     if remaps.is_empty() {
         return Ok(());
     }
+    // Per table, its remaps as a JSON array of [temporary, real] pairs, in order.
+    let mut tables: Vec<(&Table, String)> = Vec::new();
+    for remap in remaps {
+        let table = schema.table(&remap.table).ok_or_else(|| Error::NotInSchema(format!("table {}", remap.table)))?;
+        let (Some(temp), Some(real)) = (single_int(&remap.temporary), single_int(&remap.real)) else {
+            return Err(Error::ResultMismatch(format!("remap of {} is not a single integer key", remap.table)));
+        };
+        if table.primary_key.len() != 1 {
+            return Err(Error::ResultMismatch(format!("remap of {}, which has a composite key", remap.table)));
+        }
+        if temp == real {
+            continue;
+        }
+        let i = match tables.iter().position(|(t, _)| t.name == table.name) {
+            Some(i) => i,
+            None => {
+                tables.push((table, String::new()));
+                tables.len() - 1
+            }
+        };
+        let pairs = &mut tables[i].1;
+        pairs.push(if pairs.is_empty() { '[' } else { ',' });
+        let _ = write!(pairs, "[{temp},{real}]");
+    }
     conn.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS ferry_remap(
            tbl TEXT NOT NULL, temp INTEGER NOT NULL, real INTEGER NOT NULL, PRIMARY KEY (tbl, temp));
          DELETE FROM temp.ferry_remap;",
     )?;
-    let mut tables = Vec::new();
     {
-        let mut insert =
-            conn.prepare_cached("INSERT OR REPLACE INTO temp.ferry_remap(tbl, temp, real) VALUES (?1, ?2, ?3)")?;
-        for remap in remaps {
-            let table =
-                schema.table(&remap.table).ok_or_else(|| Error::NotInSchema(format!("table {}", remap.table)))?;
-            let (Some(temp), Some(real)) = (single_int(&remap.temporary), single_int(&remap.real)) else {
-                return Err(Error::ResultMismatch(format!("remap of {} is not a single integer key", remap.table)));
-            };
-            if table.primary_key.len() != 1 {
-                return Err(Error::ResultMismatch(format!("remap of {}, which has a composite key", remap.table)));
-            }
-            if temp != real {
-                insert.execute(params![table.name, temp, real])?;
-                if !tables.iter().any(|t: &&ferry_protocol::Table| t.name == table.name) {
-                    tables.push(table);
-                }
-            }
+        // A later remap of the same temporary key replaces an earlier one.
+        let mut fill = conn.prepare_cached(
+            "INSERT OR REPLACE INTO temp.ferry_remap(tbl, temp, real)
+             SELECT ?1, value ->> 0, value ->> 1 FROM json_each(?2) ORDER BY key",
+        )?;
+        for (table, pairs) in &mut tables {
+            pairs.push(']');
+            fill.execute(params![table.name, pairs.as_str()])?;
         }
     }
-    for table in tables {
+    for (table, _) in tables {
         let (t, k, name) = (quote(&table.name), quote(&table.primary_key[0]), &table.name);
         let key_col = &table.primary_key[0];
         conn.execute(
-            &format!(
-                "UPDATE {t} SET {k} = (SELECT real FROM temp.ferry_remap r WHERE r.tbl = ?1 AND r.temp = {t}.{k})
-                 WHERE {k} IN (SELECT temp FROM temp.ferry_remap WHERE tbl = ?1)"
-            ),
+            &format!("UPDATE {t} SET {k} = r.real FROM temp.ferry_remap r WHERE r.tbl = ?1 AND {t}.{k} = r.temp"),
             [name],
         )?;
         conn.execute(
@@ -157,32 +178,74 @@ pub fn apply_remaps(conn: &Connection, schema: &Schema, remaps: &[KeyRemap]) -> 
 /// Records the server's version of a row and, unless local changes to the row are still in the
 /// log (R12), writes the server's values into the local row. Capture must be off.
 pub fn apply_image(conn: &Connection, schema: &Schema, image: &RowImage) -> Result<()> {
-    let table = schema.table(&image.table).ok_or_else(|| Error::NotInSchema(format!("table {}", image.table)))?;
-    let pk = key_json(conn, &image.key)?;
-    let version = i64::try_from(image.version).map_err(|_| Error::ResultMismatch("row version".into()))?;
-    conn.prepare_cached(
-        "INSERT INTO ferry_versions(tbl, pk, version) VALUES (?1, ?2, ?3)
-         ON CONFLICT(tbl, pk) DO UPDATE SET version = excluded.version",
-    )?
-    .execute(params![table.name, pk, version])?;
-    // Events on this row still waiting to be sent were made on top of the device's own change the
-    // server just applied: they are based on its new version, not on the one before (otherwise
-    // the device would conflict with itself).
-    conn.prepare_cached(
-        "UPDATE ferry_log SET base_version = ?3
-         WHERE tbl = ?1 AND pk = ?2 AND status = 'pending' AND kind IN ('update', 'delete')",
-    )?
-    .execute(params![table.name, pk, version])?;
-    let local_change: Option<i64> = conn
-        .prepare_cached("SELECT seq FROM ferry_log WHERE tbl = ?1 AND pk = ?2 LIMIT 1")?
-        .query_row(params![table.name, pk], |r| r.get(0))
-        .optional()?;
-    if local_change.is_some() {
+    apply_images(conn, schema, std::slice::from_ref(image))
+}
+
+/// [`apply_image`] for each image, in order (a row imaged twice keeps the last image), with
+/// statements prepared once: versions and rows are written many per statement, and the log is
+/// probed once per image. Capture must be off.
+pub fn apply_images(conn: &Connection, schema: &Schema, images: &[RowImage]) -> Result<()> {
+    if images.is_empty() {
         return Ok(());
     }
-    let mut row = image.values.clone();
-    for (col, v) in table.primary_key.iter().zip(&image.key.0) {
-        row.entry(col.clone()).or_insert_with(|| v.clone());
+    let mut has_log = conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM ferry_log WHERE tbl = ?1 AND pk = ?2)")?;
+    // Events on the row still waiting to be sent were made on top of the device's own change the
+    // server just applied: they are based on its new version, not on the one before (otherwise
+    // the device would conflict with itself).
+    let mut rebase = conn.prepare_cached(
+        "UPDATE ferry_log SET base_version = ?3
+         WHERE tbl = ?1 AND pk = ?2 AND status = 'pending' AND kind IN ('update', 'delete')",
+    )?;
+    // Key texts one after another; `versions` and `rows` hold where each ends.
+    let mut pks = String::new();
+    let mut pk = String::new();
+    let mut versions: Vec<(&str, usize, i64)> = Vec::with_capacity(images.len());
+    // The rows to write: (table, column names, values).
+    let mut rows: Vec<(&Table, Vec<&str>, Vec<&Value>)> = Vec::with_capacity(images.len());
+    for image in images {
+        let table = schema.table(&image.table).ok_or_else(|| Error::NotInSchema(format!("table {}", image.table)))?;
+        if image.key.0.len() != table.primary_key.len() {
+            return Err(Error::ResultMismatch(format!("image key {} does not fit table {}", image.key, table.name)));
+        }
+        push_key_json(conn, &image.key.0, &mut pk)?;
+        let version = i64::try_from(image.version).map_err(|_| Error::ResultMismatch("row version".into()))?;
+        pks.push_str(&pk);
+        versions.push((&table.name, pks.len(), version));
+        if has_log.query_row(params![table.name, pk], |r| r.get::<_, bool>(0))? {
+            rebase.execute(params![table.name, pk, version])?;
+            continue;
+        }
+        let mut names: Vec<&str> = image.values.keys().map(String::as_str).collect();
+        let mut values: Vec<&Value> = image.values.values().collect();
+        for (col, v) in table.primary_key.iter().zip(&image.key.0) {
+            if !image.values.contains_key(col) {
+                names.push(col);
+                values.push(v);
+            }
+        }
+        rows.push((table, names, values));
     }
-    upsert_row(conn, table, &row)
+    let mut start = 0;
+    let versions: Vec<(&str, &str, i64)> = versions
+        .into_iter()
+        .map(|(table, end, version)| {
+            let pk = &pks[start..end];
+            start = end;
+            (table, pk, version)
+        })
+        .collect();
+    VersionWriter::new(conn).write(&versions)?;
+    // Runs of images of the same table and columns share one upsert.
+    let mut run_start = 0;
+    while run_start < rows.len() {
+        let (table, names, _) = &rows[run_start];
+        let run_end = rows[run_start..]
+            .iter()
+            .position(|(t, n, _)| t.name != table.name || n != names)
+            .map_or(rows.len(), |p| run_start + p);
+        let values: Vec<&[&Value]> = rows[run_start..run_end].iter().map(|(_, _, v)| v.as_slice()).collect();
+        Upsert::prepare(conn, table, names)?.execute_rows(&values)?;
+        run_start = run_end;
+    }
+    Ok(())
 }

@@ -18,9 +18,9 @@ impl Default for BatchLimits {
     }
 }
 
-/// The approximate encoded size of an event: its postcard length.
+/// The approximate encoded size of an event: its postcard length (counted, not encoded).
 pub fn event_size(event: &Event) -> usize {
-    postcard::to_stdvec(event).map(|v| v.len()).unwrap_or(0)
+    postcard::experimental::serialized_size(event).unwrap_or(0)
 }
 
 /// Where the next batch ends.
