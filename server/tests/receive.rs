@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,7 +15,6 @@ use ferry_server::backend_tests;
 use ferry_server::config::{AuthArgs, Limits, StorageArgs};
 use ferry_server::http::AppState;
 use ferry_server::testing::Backend;
-use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 const SECRET: &str = "test-secret-test-secret-test-secret!";
@@ -48,15 +49,7 @@ impl Harness {
     }
 
     async fn get(&self, user: &str, path: &str) -> (StatusCode, Vec<u8>) {
-        let token = self.state.auth.issue(user, Duration::from_secs(600)).unwrap();
-        let req = Request::get(path)
-            .header("accept", "application/x-ferry+postcard")
-            .header("authorization", format!("Bearer {token}"))
-            .body(Body::empty())
-            .unwrap();
-        let res = self.app.clone().oneshot(req).await.unwrap();
-        let status = res.status();
-        (status, res.into_body().collect().await.unwrap().to_bytes().to_vec())
+        common::get(&self.state, &self.app, user, path).await
     }
 
     async fn page(&self, user: &str, cursor: &Cursor, limit: usize) -> ChangePage {
