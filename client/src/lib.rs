@@ -458,11 +458,18 @@ impl Client {
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
         let mut machine = ReceiveMachine::new(policy, state.fetch_cursor(), state.complete, rows_total);
         let mut command = machine.start();
+        // The page after the one being staged, asked for while staging (the machine asks for
+        // it next): the server prepares a page while the device stores the previous one.
+        let mut prefetch = Prefetch::default();
         use engine::receive::{Command as Rc, Input as Ri};
         loop {
             command = match command {
                 Rc::Fetch { cursor } => {
-                    let input = match self.transport.fetch_page(&cursor, self.config.page_limit).await {
+                    let fetched = match prefetch.take(&cursor) {
+                        Some(task) => task.await.unwrap_or_else(|e| Err(UploadError::Transport(e.to_string()))),
+                        None => self.transport.fetch_page(&cursor, self.config.page_limit).await,
+                    };
+                    let input = match fetched {
                         Ok((page, bytes)) => Ri::PageArrived { page, bytes },
                         Err(UploadError::Refused(body)) => Ri::Refused(body),
                         Err(UploadError::Transport(reason)) => Ri::TransportFailed(reason),
@@ -470,6 +477,9 @@ impl Client {
                     machine.step(input)
                 }
                 Rc::Stage(page) => {
+                    if !page.last {
+                        prefetch.start(&self.transport, page.next.clone(), self.config.page_limit);
+                    }
                     db::receive::stage_page(&mut self.lock(), &page)?;
                     if let Some(cb) = progress {
                         cb(machine.progress());
@@ -502,6 +512,47 @@ impl Client {
                 }
                 Rc::Failed(e) => return Err(e),
             };
+        }
+    }
+}
+
+/// A page fetch running in the background while the driver stages the page before it.
+#[derive(Default)]
+struct Prefetch {
+    running: Option<(Cursor, PageFetch)>,
+}
+
+/// A running fetch of one change page (the page and its encoded size).
+type PageFetch = tokio::task::JoinHandle<std::result::Result<(ferry_protocol::ChangePage, u64), UploadError>>;
+
+impl Prefetch {
+    /// Starts fetching the page at `cursor` (dropping any other prefetch).
+    fn start(&mut self, transport: &Transport, cursor: Cursor, limit: u32) {
+        let transport = transport.clone();
+        let at = cursor.clone();
+        let task = tokio::spawn(async move { transport.fetch_page(&at, limit).await });
+        if let Some((_, old)) = self.running.replace((cursor, task)) {
+            old.abort();
+        }
+    }
+
+    /// The running fetch of the page at `cursor`, if that is the one prefetched.
+    fn take(&mut self, cursor: &Cursor) -> Option<PageFetch> {
+        match self.running.take() {
+            Some((at, task)) if &at == cursor => Some(task),
+            Some((_, other)) => {
+                other.abort();
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.running.take() {
+            task.abort();
         }
     }
 }

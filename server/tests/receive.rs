@@ -188,6 +188,29 @@ backend_tests! {
         }
     }
 
+    async fn values_of_every_type_arrive_exactly_as_stored(backend) {
+        // The SQLite feed reads pages through its own readers (rusqlite), PostgreSQL through
+        // sqlx: both must hand over the stored values bit for bit, NULLs included.
+        let Some(h) = harness(backend).await else { return };
+        h.sql("INSERT INTO product (id, name, price, stock) VALUES (3, 'it''s \"quoted\", ünïcode ✓', 0.1, 9223372036854775807)").await;
+        h.sql("INSERT INTO invoice (id, customer_id, salesperson_id, created_at, total) VALUES (12, 1, 'alice', NULL, -2.5e-300)").await;
+        let (mut copy, mut cursor) = (Copy::new(), Cursor::start());
+        h.receive("alice", &mut copy, &mut cursor, 1000).await;
+        assert_eq!(
+            copy[&("product".into(), "3".into())],
+            vec![
+                Value::Integer(3),
+                Value::Text("it's \"quoted\", ünïcode ✓".into()),
+                Value::Real(0.1),
+                Value::Integer(i64::MAX)
+            ]
+        );
+        assert_eq!(
+            copy[&("invoice".into(), "12".into())],
+            vec![Value::Integer(12), Value::Integer(1), Value::Text("alice".into()), Value::Null, Value::Real(-2.5e-300)]
+        );
+    }
+
     async fn incremental_receive_costs_the_changes_not_the_table(backend) {
         let Some(h) = harness(backend).await else { return };
         let many: Vec<String> = (1000..3000).map(|i| format!("({i}, 'c{i}')")).collect();

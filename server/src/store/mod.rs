@@ -24,6 +24,9 @@ pub enum StoreError {
     /// A database operation failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A read through the SQLite feed readers (rusqlite) failed.
+    #[error("database error: {0}")]
+    SqliteRead(#[from] rusqlite::Error),
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

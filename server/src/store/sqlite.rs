@@ -1,7 +1,9 @@
 //! The embedded SQLite backend (the default). One writer at a time: write transactions start
 //! with `BEGIN IMMEDIATE`, so commit order equals change-feed version order.
 
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -14,6 +16,55 @@ use crate::schema_file::SchemaFile;
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
+    /// Read-only connections for the change feed.
+    readers: Arc<Readers>,
+}
+
+/// Connections (rusqlite, `query_only`) that read change-feed pages on a blocking thread.
+///
+/// sqlx's SQLite driver hands every fetched row from its worker thread to the async task over a
+/// channel, a thread wake-up per row; for a page of thousands of rows that costs more than
+/// reading them. A page is read here in one go instead. WAL mode lets these readers run beside
+/// the writer; each query sees one committed snapshot.
+#[derive(Debug)]
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+}
+
+/// Idle readers kept open.
+const MAX_IDLE_READERS: usize = 4;
+
+impl Readers {
+    fn open(&self) -> Result<rusqlite::Connection, StoreError> {
+        let conn = rusqlite::Connection::open(&self.path)?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "query_only", true)?;
+        Ok(conn)
+    }
+
+    /// Runs `read` on an idle reader (or a new one) on a blocking thread.
+    async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        read: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => readers.open()?,
+            };
+            let out = read(&conn);
+            let mut idle = readers.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if conn.is_autocommit() && idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("feed reader stopped: {e}")))?
+    }
 }
 
 impl SqliteStore {
@@ -26,7 +77,8 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        Ok(SqliteStore { pool })
+        let readers = Arc::new(Readers { path: PathBuf::from(path), idle: Mutex::new(Vec::new()) });
+        Ok(SqliteStore { pool, readers })
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
@@ -183,6 +235,20 @@ fn decode(row: &SqliteRow, i: usize, col: &Column) -> Result<Value, sqlx::Error>
         ColumnType::Text => row.try_get::<Option<String>, _>(i)?.map_or(Value::Null, Value::Text),
         ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(i)?.map_or(Value::Null, Value::Bytes),
         ColumnType::Blob => match row.try_get::<Option<String>, _>(i)? {
+            None => Value::Null,
+            Some(text) => serde_json::from_str::<BlobRef>(&text).map_or(Value::Text(text), Value::Blob),
+        },
+    })
+}
+
+/// A column value read by a feed reader, as the schema types it (what [`decode`] does for sqlx).
+fn read_value(row: &rusqlite::Row<'_>, i: usize, ty: ColumnType) -> Result<Value, rusqlite::Error> {
+    Ok(match ty {
+        ColumnType::Integer => row.get::<_, Option<i64>>(i)?.map_or(Value::Null, Value::Integer),
+        ColumnType::Real => row.get::<_, Option<f64>>(i)?.map_or(Value::Null, Value::Real),
+        ColumnType::Text => row.get::<_, Option<String>>(i)?.map_or(Value::Null, Value::Text),
+        ColumnType::Bytes => row.get::<_, Option<Vec<u8>>>(i)?.map_or(Value::Null, Value::Bytes),
+        ColumnType::Blob => match row.get::<_, Option<String>>(i)? {
             None => Value::Null,
             Some(text) => serde_json::from_str::<BlobRef>(&text).map_or(Value::Text(text), Value::Blob),
         },
@@ -426,22 +492,32 @@ impl super::FeedBackend for SqliteStore {
     }
 
     async fn feed_page(&self, table: &Table, sql: String, params: Vec<Param>) -> Result<Vec<FeedRow>, StoreError> {
-        let rows = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_all(&self.pool).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let in_scope = row.try_get::<i64, _>(2)? != 0;
-            let values = if in_scope {
-                let mut values = Vec::with_capacity(table.columns.len());
-                for (i, col) in table.columns.iter().enumerate() {
-                    values.push(decode(&row, 3 + i, col)?);
+        let types: Vec<ColumnType> = table.columns.iter().map(|c| c.ty).collect();
+        self.readers
+            .run(move |conn| {
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let params = params.iter().map(|p| match p {
+                    Param::Int(i) => rusqlite::types::Value::Integer(*i),
+                    Param::Text(t) => rusqlite::types::Value::Text(t.clone()),
+                });
+                let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    let in_scope = row.get::<_, i64>(2)? != 0;
+                    let values = if in_scope {
+                        let mut values = Vec::with_capacity(types.len());
+                        for (i, ty) in types.iter().enumerate() {
+                            values.push(read_value(row, 3 + i, *ty)?);
+                        }
+                        Some(values)
+                    } else {
+                        None
+                    };
+                    out.push(FeedRow { pk: row.get(0)?, version: row.get::<_, i64>(1)? as u64, values });
                 }
-                Some(values)
-            } else {
-                None
-            };
-            out.push(FeedRow { pk: row.try_get(0)?, version: row.try_get::<i64, _>(1)? as u64, values });
-        }
-        Ok(out)
+                Ok(out)
+            })
+            .await
     }
 
     async fn feed_count(&self, sql: String, params: Vec<Param>) -> Result<i64, StoreError> {
