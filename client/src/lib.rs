@@ -345,9 +345,16 @@ impl Client {
         let (events_total, batches_total) = {
             let conn = self.lock();
             let schema = self.require_schema(&conn)?;
-            let inflight = db::log::inflight_batch(&conn)?;
-            let planned = db::log::planned_batches(&conn, &schema, &self.config.batch_limits)?;
-            (db::log::unsent_count(&conn)?, planned + u64::from(inflight.is_some()))
+            // Planning the batches reads the whole pending log: only a progress report needs it.
+            let batches_total = match progress {
+                Some(_) => {
+                    let inflight = db::log::inflight_batch(&conn)?;
+                    let planned = db::log::planned_batches(&conn, &schema, &self.config.batch_limits)?;
+                    planned + u64::from(inflight.is_some())
+                }
+                None => 0,
+            };
+            (db::log::unsent_count(&conn)?, batches_total)
         };
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
         let mut machine = SendMachine::new(policy, events_total, batches_total);
@@ -458,18 +465,11 @@ impl Client {
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
         let mut machine = ReceiveMachine::new(policy, state.fetch_cursor(), state.complete, rows_total);
         let mut command = machine.start();
-        // The page after the one being staged, asked for while staging (the machine asks for
-        // it next): the server prepares a page while the device stores the previous one.
-        let mut prefetch = Prefetch::default();
         use engine::receive::{Command as Rc, Input as Ri};
         loop {
             command = match command {
                 Rc::Fetch { cursor } => {
-                    let fetched = match prefetch.take(&cursor) {
-                        Some(task) => task.await.unwrap_or_else(|e| Err(UploadError::Transport(e.to_string()))),
-                        None => self.transport.fetch_page(&cursor, self.config.page_limit).await,
-                    };
-                    let input = match fetched {
+                    let input = match self.transport.fetch_page(&cursor, self.config.page_limit).await {
                         Ok((page, bytes)) => Ri::PageArrived { page, bytes },
                         Err(UploadError::Refused(body)) => Ri::Refused(body),
                         Err(UploadError::Transport(reason)) => Ri::TransportFailed(reason),
@@ -477,9 +477,6 @@ impl Client {
                     machine.step(input)
                 }
                 Rc::Stage(page) => {
-                    if !page.last {
-                        prefetch.start(&self.transport, page.next.clone(), self.config.page_limit);
-                    }
                     db::receive::stage_page(&mut self.lock(), &page)?;
                     if let Some(cb) = progress {
                         cb(machine.progress());
@@ -512,47 +509,6 @@ impl Client {
                 }
                 Rc::Failed(e) => return Err(e),
             };
-        }
-    }
-}
-
-/// A page fetch running in the background while the driver stages the page before it.
-#[derive(Default)]
-struct Prefetch {
-    running: Option<(Cursor, PageFetch)>,
-}
-
-/// A running fetch of one change page (the page and its encoded size).
-type PageFetch = tokio::task::JoinHandle<std::result::Result<(ferry_protocol::ChangePage, u64), UploadError>>;
-
-impl Prefetch {
-    /// Starts fetching the page at `cursor` (dropping any other prefetch).
-    fn start(&mut self, transport: &Transport, cursor: Cursor, limit: u32) {
-        let transport = transport.clone();
-        let at = cursor.clone();
-        let task = tokio::spawn(async move { transport.fetch_page(&at, limit).await });
-        if let Some((_, old)) = self.running.replace((cursor, task)) {
-            old.abort();
-        }
-    }
-
-    /// The running fetch of the page at `cursor`, if that is the one prefetched.
-    fn take(&mut self, cursor: &Cursor) -> Option<PageFetch> {
-        match self.running.take() {
-            Some((at, task)) if &at == cursor => Some(task),
-            Some((_, other)) => {
-                other.abort();
-                None
-            }
-            None => None,
-        }
-    }
-}
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        if let Some((_, task)) = self.running.take() {
-            task.abort();
         }
     }
 }

@@ -329,3 +329,36 @@ fn a_local_transaction_larger_than_the_read_window_still_travels_whole() {
     .collect();
     assert_eq!(sizes, [10, 10, 5]);
 }
+
+#[test]
+fn an_image_without_values_keeps_the_row_as_sent_and_records_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(&dir);
+    c.transaction(|tx| tx.execute("INSERT INTO customer(name, city) VALUES ('Ada', 'Paris')", [])).unwrap();
+    let b = c.next_batch().unwrap().unwrap();
+    let temp = b.events[0].key.0[0].as_integer().unwrap();
+    // The server stored the row exactly as sent: its image is the real key and the version.
+    c.apply_result(&BatchResult {
+        batch_seq: b.batch_seq,
+        outcomes: vec![applied(b.events[0].seq)],
+        remaps: vec![remap("customer", temp, 70)],
+        images: vec![image("customer", 70, 9, row(&[]))],
+    })
+    .unwrap();
+    assert_eq!(scalar_text(&c, "SELECT name || '/' || city FROM customer WHERE id = 70").as_deref(), Some("Ada/Paris"));
+    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'customer' AND pk = '[70]'"), Some(9));
+    assert!(log(&c).is_empty());
+    // An image with some columns (set by the server) writes just those into the local row.
+    c.transaction(|tx| tx.execute("INSERT INTO customer(name) VALUES ('Bob')", [])).unwrap();
+    let b = c.next_batch().unwrap().unwrap();
+    let temp = b.events[0].key.0[0].as_integer().unwrap();
+    c.apply_result(&BatchResult {
+        batch_seq: b.batch_seq,
+        outcomes: vec![applied(b.events[0].seq)],
+        remaps: vec![remap("customer", temp, 71)],
+        images: vec![image("customer", 71, 10, row(&[("city", text("Lyon"))]))],
+    })
+    .unwrap();
+    assert_eq!(scalar_text(&c, "SELECT name || '/' || city FROM customer WHERE id = 71").as_deref(), Some("Bob/Lyon"));
+    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'customer' AND pk = '[71]'"), Some(10));
+}

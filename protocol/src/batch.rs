@@ -211,7 +211,8 @@ pub struct RowImage {
     pub key: Key,
     /// The row's version on the server; the device sends it back as `base_version`.
     pub version: u64,
-    /// Every column of the row.
+    /// The row's columns: for an update, every column; for an insert, only those whose stored
+    /// value differs from what the event sent (server-computed values). The key is in `key`.
     pub values: Row,
 }
 

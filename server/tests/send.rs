@@ -212,6 +212,31 @@ backend_tests! {
         assert_eq!((status, err.code), (StatusCode::BAD_REQUEST, ErrorCode::BadRequest));
     }
 
+    async fn an_inserts_image_carries_only_what_the_server_changed(backend) {
+        let Some(h) = harness(backend).await else { return };
+        // Every column sent and stored as sent: the image is the real key and the version.
+        let ada = insert(1, 1, "customer", -1, &[("id", int(-1)), ("name", text("Ada")), ("city", text("Paris"))]);
+        // The server fills in the scope column from the token and translates the customer's
+        // temporary key; `created_at` and `total` are left out by the device.
+        let invoice = insert(2, 2, "invoice", -2, &[("id", int(-2)), ("customer_id", int(-1))]);
+        let r = h.send(&h.batch("dev-img", 1, vec![ada, invoice])).await.ok();
+        assert_eq!(codes(&r), ["applied", "applied"]);
+        let customer_id = r.remaps.iter().find(|m| m.table == "customer").unwrap().real.clone();
+        let image = |table: &str| r.images.iter().find(|i| i.table == table).unwrap();
+        assert_eq!(image("customer").key, customer_id);
+        assert!(image("customer").values.is_empty(), "{:?}", image("customer"));
+        assert!(image("customer").version > 0);
+        assert_eq!(
+            image("invoice").values,
+            row(&[
+                ("customer_id", customer_id.0[0].clone()),
+                ("salesperson_id", text("alice")),
+                ("created_at", Value::Null),
+                ("total", Value::Null),
+            ])
+        );
+    }
+
     async fn temporary_keys_are_remapped_across_batches(backend) {
         let Some(h) = harness(backend).await else { return };
         let r1 = h.send(&h.batch("dev-c", 1, vec![customer(1, 1, -1, "Ada")])).await.ok();
@@ -285,7 +310,8 @@ backend_tests! {
         assert_eq!(h.scalar("SELECT count(*) FROM invoice").await, 0);
         assert_eq!(r.remaps.len(), 1);
         assert_eq!(r.remaps[0].temporary, Key::int(-4));
-        assert!(r.images.iter().all(|i| i.table == "customer" && i.values["name"] == text("Bob")));
+        // Bob was stored as sent: his image echoes only the column the device left out (city).
+        assert!(r.images.iter().all(|i| i.table == "customer" && i.values == row(&[("city", Value::Null)])));
         assert_eq!(h.scalar("SELECT count(*) FROM ferry_apply_log").await, 1);
         // The temporary keys of the rolled-back transaction were never mapped.
         let later = insert(5, 3, "invoice", -5, &[("id", int(-5)), ("customer_id", int(-1)), ("salesperson_id", text("alice"))]);
@@ -321,10 +347,14 @@ backend_tests! {
         let image = |table: &str, key: &Key| r.images.iter().find(|i| i.table == table && &i.key == key).unwrap();
         for (i, name) in names.iter().chain(["Flo"].iter()).enumerate() {
             let remap = r.remaps.iter().find(|m| m.table == "customer" && m.temporary == Key::int(-(i as i64) - 1)).unwrap();
-            assert_eq!(image("customer", &remap.real).values["name"], text(name));
+            let id = remap.real.0[0].as_integer().unwrap();
+            assert_eq!(h.scalar(&format!("SELECT count(*) FROM customer WHERE id = {id} AND name = '{name}'")).await, 1);
+            assert!(image("customer", &remap.real).version > 0);
         }
         let flo = r.remaps.iter().find(|m| m.temporary == Key::int(-6)).unwrap();
-        assert_eq!(image("customer", &flo.real).values["city"], text("Oslo"));
+        let flo_id = flo.real.0[0].as_integer().unwrap();
+        assert_eq!(h.scalar(&format!("SELECT count(*) FROM customer WHERE id = {flo_id} AND city = 'Oslo'")).await, 1);
+        assert!(image("customer", &flo.real).values.is_empty(), "Flo was stored exactly as sent");
         assert_eq!(r.remaps.iter().filter(|m| m.table == "invoice_line").count(), 2);
         // Only tx 3 sold anything: ink 3 → 1, pens untouched.
         assert_eq!(h.scalar("SELECT stock FROM product WHERE id = 2").await, 1);

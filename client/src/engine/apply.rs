@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use ferry_protocol::{BatchResult, FailureCode, Key, KeyRemap, Outcome, Row, RowImage, Schema, Table, Value};
 use rusqlite::{Connection, params};
 
-use crate::db::values::{Upsert, VersionWriter, push_key_json, value_to_json};
+use crate::db::values::{Upsert, VersionWriter, key_where, push_key_json, to_sql, value_to_json};
 use crate::db::{quote, set_applying};
 use crate::error::{Error, Result};
 
@@ -215,6 +215,20 @@ pub fn apply_images(conn: &Connection, schema: &Schema, images: &[RowImage]) -> 
             rebase.execute(params![table.name, pk, version])?;
             continue;
         }
+        if image.values.is_empty() {
+            // An insert the server stored exactly as sent: the local row already holds it.
+            continue;
+        }
+        // An image with every required column can make the row (upsert); an insert's image
+        // with only what the server changed updates the local row the device inserted.
+        let complete = table
+            .columns
+            .iter()
+            .all(|c| c.nullable || table.primary_key.contains(&c.name) || image.values.contains_key(&c.name));
+        if !complete {
+            update_columns(conn, table, &image.key, &image.values)?;
+            continue;
+        }
         let mut names: Vec<&str> = image.values.keys().map(String::as_str).collect();
         let mut values: Vec<&Value> = image.values.values().collect();
         for (col, v) in table.primary_key.iter().zip(&image.key.0) {
@@ -247,5 +261,20 @@ pub fn apply_images(conn: &Connection, schema: &Schema, images: &[RowImage]) -> 
         Upsert::prepare(conn, table, names)?.execute_rows(&values)?;
         run_start = run_end;
     }
+    Ok(())
+}
+
+/// Writes `values` (columns of `table` only) into the local row with `key`. Capture must be off.
+fn update_columns(conn: &Connection, table: &Table, key: &Key, values: &Row) -> Result<()> {
+    let columns: Vec<(&String, &Value)> = values.iter().filter(|(c, _)| table.column(c).is_some()).collect();
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let (clause, key_params) = key_where(table, key)?;
+    let sets: Vec<String> =
+        columns.iter().enumerate().map(|(i, (c, _))| format!("{} = ?{}", quote(c), key_params.len() + i + 1)).collect();
+    let sql = format!("UPDATE {} SET {} WHERE {clause}", quote(&table.name), sets.join(", "));
+    let params = key_params.into_iter().chain(columns.iter().map(|(_, v)| to_sql(v)));
+    conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(params))?;
     Ok(())
 }

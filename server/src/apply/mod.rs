@@ -383,9 +383,9 @@ impl<'a> Run<'a> {
     /// Writes the pending inserts with as few statements as possible, then records what each
     /// produced: the key remap of a temporary key, the row image and the apply-log entry.
     async fn write_pending<T: ApplyTx>(&mut self, tx: &mut T) -> Result<(), WriteError> {
-        let Some(mut pending) = self.pending.take() else { return Ok(()) };
+        let Some(pending) = self.pending.take() else { return Ok(()) };
         let table = pending.table;
-        let rows = pending.rows.iter_mut().map(|r| std::mem::take(&mut r.values)).collect();
+        let rows = pending.rows.iter().map(|r| r.values.clone()).collect();
         let keys = tx.insert_rows(table, &pending.columns, rows).await?;
         for (row, key) in pending.rows.iter().zip(&keys) {
             if let (Some(temp), Some(real)) = (row.temporary, key.0.first().and_then(Value::as_integer)) {
@@ -399,6 +399,7 @@ impl<'a> Run<'a> {
         let images = tx.read_rows(table, &keys).await?;
         for ((row, key), image) in pending.rows.iter().zip(keys).zip(images) {
             if let Some((values, version)) = image {
+                let values = computed_by_server(table, row, values);
                 self.state.images.push(RowImage { table: table.name.clone(), key, version, values });
             }
             let applied = AppliedEvent { seq: row.seq, table: table.name.clone(), op: Op::Insert.as_str() };
@@ -427,6 +428,8 @@ impl<'a> Run<'a> {
                 format!("devices may not {} rows of {}", event.op.as_str(), table.name),
             )));
         }
+        // The event as the device sent it (an insert's image carries what the server changed).
+        let as_sent = event;
         // An insert into a claim-scoped table may leave the scope column to the server (R15).
         let filled;
         let event = match (&table.scope, event.op) {
@@ -486,7 +489,7 @@ impl<'a> Run<'a> {
             return Ok(Outcome::Failed(f));
         }
         if event.op == Op::Insert && hold {
-            let row = PendingRow::new(table, event, values);
+            let row = PendingRow::new(table, as_sent, values);
             // Rows held with other columns are written first: one statement has one column list.
             if self.pending.as_ref().is_some_and(|p| p.columns != row.columns) && self.flush_held(tx).await?.is_err() {
                 self.held_refused = true;
@@ -504,7 +507,7 @@ impl<'a> Run<'a> {
         }
         let written = match event.op {
             Op::Insert => {
-                self.hold(table, PendingRow::new(table, event, values));
+                self.hold(table, PendingRow::new(table, as_sent, values));
                 self.write_pending(tx).await.map(|()| Written::Recorded)
             }
             Op::Update => self.update(tx, table, &key, event, values).await,
@@ -794,19 +797,49 @@ struct PendingRow<'a> {
     temporary: Option<i64>,
     columns: Vec<&'a Column>,
     values: Vec<Value>,
+    /// Columns whose value the server set differently from the event (translated foreign keys,
+    /// a scope column filled in from the token): the device does not hold these values.
+    server_set: Vec<&'a str>,
 }
 
 impl<'a> PendingRow<'a> {
-    /// The insert of `event` with its checked `values`; a temporary key is left out for the
-    /// database to assign (a device-chosen positive key of an auto-numbered table is kept).
+    /// The insert of `event` (as the device sent it) with its checked, translated `values`; a
+    /// temporary key is left out for the database to assign (a device-chosen positive key of an
+    /// auto-numbered table is kept).
     fn new(table: &'a Table, event: &Event, mut values: Row) -> Self {
         let temporary = if table.auto_number && event.key.is_temporary() { event.key.0[0].as_integer() } else { None };
         if temporary.is_some() {
             values.remove(&table.primary_key[0]);
         }
+        let server_set = table
+            .columns
+            .iter()
+            .filter(|c| values.get(&c.name).is_some_and(|v| event.values.get(&c.name) != Some(v)))
+            .map(|c| c.name.as_str())
+            .collect();
         let (columns, values) = values::columns(table, values).into_iter().unzip();
-        PendingRow { seq: event.seq, device_key: event.key.clone(), temporary, columns, values }
+        PendingRow { seq: event.seq, device_key: event.key.clone(), temporary, columns, values, server_set }
     }
+}
+
+/// The image values of an inserted row: only the columns whose stored value is not what the
+/// device sent (defaults, values set by triggers, translated keys, normalized values). The
+/// device already holds the rest, and the key travels in the image's `key`, so a plain insert's
+/// image is just its key and version (R7 without echoing every value back).
+fn computed_by_server(table: &Table, sent: &PendingRow<'_>, mut stored: Row) -> Row {
+    stored.retain(|column, value| {
+        if table.primary_key.contains(column) {
+            return false;
+        }
+        if sent.server_set.contains(&column.as_str()) {
+            return true;
+        }
+        match sent.columns.iter().position(|c| &c.name == column) {
+            Some(i) => sent.values.get(i) != Some(value),
+            None => true,
+        }
+    });
+    stored
 }
 
 /// How the events of one local transaction went.
