@@ -86,3 +86,16 @@ backend_tests! {
         assert_eq!(get(&app, "/v1/nothing-here", &[]).await.0, StatusCode::NOT_FOUND);
     }
 }
+
+/// Ferry's PostgreSQL connections plan every statement for the tables as they are when it runs:
+/// a generic plan cached while a table was empty would scan it sequentially for the connection's
+/// lifetime (the batch read-back did, and send slowed as the table grew).
+#[tokio::test]
+async fn postgres_statements_are_planned_for_the_tables_as_they_are_now() {
+    let Some(database) = Backend::Postgres.database().await else { return };
+    let store = ferry_server::store::Store::open(&database).await.unwrap();
+    let sql = "SELECT (current_setting('plan_cache_mode') = 'force_custom_plan')::int::bigint";
+    for _ in 0..3 {
+        assert_eq!(store.query_i64(sql).await.unwrap(), 1, "every pooled connection");
+    }
+}

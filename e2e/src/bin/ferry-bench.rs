@@ -393,49 +393,61 @@ fn sqlite_server_conn(path: &str) -> Result<rusqlite::Connection> {
     Ok(conn)
 }
 
-/// Inserts `lines` into `table` with one prepared statement in one transaction.
-fn sqlite_insert(conn: &mut rusqlite::Connection, table: &str, lines: &[Line], with_ids: bool) -> Result<()> {
+/// Rows a baseline generates at a time, outside its timer (so the bench process never holds
+/// all of them: its memory is the device's memory figure).
+const BASELINE_CHUNK: u64 = 10_000;
+
+/// Rows `0..n` in chunks of [`BASELINE_CHUNK`].
+fn chunks(n: u64) -> impl Iterator<Item = Vec<Line>> {
+    (0..n.div_ceil(BASELINE_CHUNK))
+        .map(move |c| (c * BASELINE_CHUNK..((c + 1) * BASELINE_CHUNK).min(n)).map(line).collect())
+}
+
+/// Inserts rows `0..n` into `table` with one prepared statement in one transaction; returns rows/s
+/// of the inserts and the commit (rows are generated in chunks between timed stretches).
+fn sqlite_insert(conn: &mut rusqlite::Connection, table: &str, n: u64, with_ids: bool) -> Result<f64> {
+    let (cols, vals) = if with_ids {
+        ("id, customer_id, product_id, qty, price, note, created_at", "?1, ?2, ?3, ?4, ?5, ?6, ?7")
+    } else {
+        ("customer_id, product_id, qty, price, note, created_at", "?1, ?2, ?3, ?4, ?5, ?6")
+    };
+    let mut timed = Duration::ZERO;
+    let t0 = Instant::now();
     let tx = conn.transaction()?;
-    {
-        let (cols, vals) = if with_ids {
-            ("id, customer_id, product_id, qty, price, note, created_at", "?1, ?2, ?3, ?4, ?5, ?6, ?7")
-        } else {
-            ("customer_id, product_id, qty, price, note, created_at", "?1, ?2, ?3, ?4, ?5, ?6")
-        };
-        let mut stmt = tx.prepare(&format!("INSERT INTO {table} ({cols}) VALUES ({vals})"))?;
-        for (k, r) in lines.iter().enumerate() {
+    let mut stmt = tx.prepare(&format!("INSERT INTO {table} ({cols}) VALUES ({vals})"))?;
+    timed += t0.elapsed();
+    let mut k = 0i64;
+    for lines in chunks(n) {
+        let t0 = Instant::now();
+        for r in &lines {
+            k += 1;
             if with_ids {
-                stmt.execute(rusqlite::params![
-                    k as i64 + 1,
-                    r.customer_id,
-                    r.product_id,
-                    r.qty,
-                    r.price,
-                    r.note,
-                    r.created_at
-                ])?;
+                stmt.execute(rusqlite::params![k, r.customer_id, r.product_id, r.qty, r.price, r.note, r.created_at])?;
             } else {
                 stmt.execute(rusqlite::params![r.customer_id, r.product_id, r.qty, r.price, r.note, r.created_at])?;
             }
         }
+        timed += t0.elapsed();
     }
+    let t0 = Instant::now();
+    drop(stmt);
     tx.commit()?;
-    Ok(())
+    timed += t0.elapsed();
+    Ok(n as f64 / timed.as_secs_f64())
 }
 
 const RAW_SQLITE: &str = "DROP TABLE IF EXISTS bench_raw; CREATE TABLE bench_raw (id INTEGER PRIMARY KEY, \
      customer_id INTEGER NOT NULL, product_id INTEGER NOT NULL, qty INTEGER NOT NULL, price REAL NOT NULL, \
      note TEXT, created_at TEXT)";
 
-/// Baseline: the rows straight into the server database, one prepared statement, one transaction.
-async fn server_baseline(served: &Served, lines: &[Line]) -> Result<f64> {
+/// Baseline: rows `0..n` straight into the server database, one prepared statement, one
+/// transaction.
+async fn server_baseline(served: &Served, n: u64) -> Result<f64> {
     match served.db {
         Db::Sqlite => {
             let mut conn = sqlite_server_conn(&served.server.database)?;
             conn.execute_batch(RAW_SQLITE)?;
-            let t0 = Instant::now();
-            sqlite_insert(&mut conn, "bench_raw", lines, false)?;
-            Ok(lines.len() as f64 / t0.elapsed().as_secs_f64())
+            sqlite_insert(&mut conn, "bench_raw", n, false)
         }
         Db::Postgres => {
             use sqlx::Connection as _;
@@ -447,24 +459,32 @@ async fn server_baseline(served: &Served, lines: &[Line]) -> Result<f64> {
             )
             .execute(&mut conn)
             .await?;
+            let mut timed = Duration::ZERO;
             let t0 = Instant::now();
             let mut tx = conn.begin().await?;
-            for r in lines {
-                sqlx::query(
-                    "INSERT INTO bench_raw (customer_id, product_id, qty, price, note, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(r.customer_id)
-                .bind(r.product_id)
-                .bind(r.qty)
-                .bind(r.price)
-                .bind(&r.note)
-                .bind(&r.created_at)
-                .execute(&mut *tx)
-                .await?;
+            timed += t0.elapsed();
+            for lines in chunks(n) {
+                let t0 = Instant::now();
+                for r in &lines {
+                    sqlx::query(
+                        "INSERT INTO bench_raw (customer_id, product_id, qty, price, note, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(r.customer_id)
+                    .bind(r.product_id)
+                    .bind(r.qty)
+                    .bind(r.price)
+                    .bind(&r.note)
+                    .bind(&r.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                timed += t0.elapsed();
             }
+            let t0 = Instant::now();
             tx.commit().await?;
-            Ok(lines.len() as f64 / t0.elapsed().as_secs_f64())
+            timed += t0.elapsed();
+            Ok(n as f64 / timed.as_secs_f64())
         }
     }
 }
@@ -535,15 +555,13 @@ async fn touch(served: &Served, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// Baseline: the rows into a fresh device-like SQLite file (WAL, as the client opens it), one
+/// Baseline: rows `0..n` into a fresh device-like SQLite file (WAL, as the client opens it), one
 /// prepared statement, one transaction.
-fn device_baseline(path: &Path, lines: &[Line]) -> Result<f64> {
+fn device_baseline(path: &Path, n: u64) -> Result<f64> {
     let mut conn = rusqlite::Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.execute_batch(RAW_SQLITE)?;
-    let t0 = Instant::now();
-    sqlite_insert(&mut conn, "bench_raw", lines, true)?;
-    Ok(lines.len() as f64 / t0.elapsed().as_secs_f64())
+    sqlite_insert(&mut conn, "bench_raw", n, true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,13 +587,9 @@ impl Bench {
             dev_mem.push(d);
             srv_mem.push(s);
         }
-        // The baseline's rows are made after the sends, so the device's memory figures never
-        // include them.
-        let lines: Vec<Line> = (0..n).map(line).collect();
         for _ in 0..self.mode.runs {
-            bases.push(server_baseline(&served, &lines).await?);
+            bases.push(server_baseline(&served, n).await?);
         }
-        drop(lines);
         let name = db.name();
         let goal = if db == Db::Sqlite { 50_000.0 } else { 25_000.0 };
         self.report.add(
@@ -671,10 +685,8 @@ impl Bench {
             last = Some(client);
         }
         if ratio {
-            // Made after the receives, like the send baseline's rows.
-            let lines: Vec<Line> = (0..n).map(line).collect();
             for _ in 0..runs {
-                bases.push(device_baseline(&self.fresh_path("baseline"), &lines)?);
+                bases.push(device_baseline(&self.fresh_path("baseline"), n)?);
             }
         }
         let size = short(n);
