@@ -103,7 +103,8 @@ impl Transport {
         // batches here (the server's request-decompression layer undoes it).
         let body = if body.len() >= COMPRESS_FROM_BYTES {
             req = req.header(reqwest::header::CONTENT_ENCODING, "zstd");
-            zstd::bulk::compress(&body, 3).map_err(|e| UploadError::Transport(e.to_string()))?
+            zstd::bulk::compress(&body, ferry_protocol::codec::ZSTD_LEVEL)
+                .map_err(|e| UploadError::Transport(e.to_string()))?
         } else {
             body
         };

@@ -17,6 +17,11 @@ pub const POSTCARD_MEDIA_TYPE: &str = "application/x-ferry+postcard";
 /// Media type of the JSON encoding.
 pub const JSON_MEDIA_TYPE: &str = "application/json";
 
+/// The zstd level both sides compress messages with: the fastest. Ferry's messages are rows of
+/// repeated shapes, which level 1 already shrinks about fourfold; higher levels cost more CPU on
+/// both sides than the few bytes they save are worth on a sync's critical path.
+pub const ZSTD_LEVEL: i32 = 1;
+
 /// Default upper bound on an encoded message, in bytes (16 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 

@@ -107,7 +107,14 @@ pub fn reset_cursor(conn: &mut Connection) -> Result<()> {
 /// nothing is applied, the cursor is unchanged, the staged pages are dropped (the next receive
 /// starts over from the stored cursor) and [`Error::ReceiveApply`] is returned.
 pub fn apply_staged(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
-    match apply_inner(conn, schema) {
+    // A large receive touches more pages than SQLite's default cache (2 MiB) holds: SQLite then
+    // spills dirty pages into the WAL mid-transaction and reads them back. A bigger cache for the
+    // apply alone (given back afterwards) keeps them in memory.
+    let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
+    conn.pragma_update(None, "cache_size", APPLY_CACHE_KIB)?;
+    let applied = apply_inner(conn, schema);
+    conn.pragma_update(None, "cache_size", cache)?;
+    match applied {
         Ok(stats) => Ok(stats),
         Err(e) => {
             tracing::warn!(error = %e, "received changes could not be applied; dropping the staged pages");
@@ -116,6 +123,9 @@ pub fn apply_staged(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats
         }
     }
 }
+
+/// The page cache an apply may use, as SQLite's `cache_size` takes it (negative: KiB).
+const APPLY_CACHE_KIB: i64 = -16 * 1024;
 
 fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
     let tx = conn.transaction()?;

@@ -260,21 +260,44 @@ fn peak_mib(pid: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds, from `/proc/<pid>/stat`
+/// (clock ticks of 10 ms). NaN where unreadable.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15, that is 11 and 12 after the name.
+    match (tick(11), tick(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Peak RSS and CPU time of the device (this process) and the server, per measurement.
 struct Peaks {
     server: String,
+    cpu_at_reset: (f64, f64),
 }
 
 impl Peaks {
     fn new(server: &ServerProcess) -> Self {
-        Peaks { server: server.pid().to_string() }
+        Peaks { server: server.pid().to_string(), cpu_at_reset: (f64::NAN, f64::NAN) }
     }
-    fn reset(&self) {
+    fn reset(&mut self) {
         reset_peak("self");
         reset_peak(&self.server);
+        self.cpu_at_reset = (cpu_secs("self"), cpu_secs(&self.server));
     }
     /// (device, server) peak RSS in MiB since the last reset.
     fn read(&self) -> (f64, f64) {
         (peak_mib("self"), peak_mib(&self.server))
+    }
+    /// (device, server) CPU seconds since the last reset (the server's own process: PostgreSQL's
+    /// backends are not counted).
+    fn cpu(&self) -> (f64, f64) {
+        (cpu_secs("self") - self.cpu_at_reset.0, cpu_secs(&self.server) - self.cpu_at_reset.1)
     }
 }
 
@@ -572,8 +595,9 @@ impl Bench {
     async fn send(&mut self, db: Db) -> Result<Vec<f64>> {
         let n = self.mode.send_rows;
         let served = self.server(db, false).await?;
-        let peaks = Peaks::new(&served.server);
+        let mut peaks = Peaks::new(&served.server);
         let (mut sends, mut bases, mut captures, mut dev_mem, mut srv_mem) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut dev_cpu, mut srv_cpu) = (vec![], vec![]);
         for run in 0..self.mode.runs {
             let client = self.device(&served).await?;
             captures.push(capture(&client, run as u64 * n, n, false)?);
@@ -582,8 +606,11 @@ impl Bench {
             let report = client.send().await?;
             let secs = t0.elapsed().as_secs_f64();
             let (d, s) = peaks.read();
+            let (dc, sc) = peaks.cpu();
             ensure!(report.events_applied == n, "send applied {} of {n} events: {report:?}", report.events_applied);
             sends.push(n as f64 / secs);
+            dev_cpu.push(dc * 1e6 / n as f64);
+            srv_cpu.push(sc * 1e6 / n as f64);
             dev_mem.push(d);
             srv_mem.push(s);
         }
@@ -609,6 +636,20 @@ impl Bench {
             "the same rows into the server database: one prepared statement, one transaction",
         );
         self.report.ratio(&format!("send-ratio-{name}"), Goal::AtLeast(0.3), &sends, &bases, "send ÷ baseline");
+        self.report.add(
+            format!("cpu-device-send-{name}"),
+            "µs/event",
+            Goal::Report,
+            dev_cpu,
+            "CPU time of the device (this process) during send(), per event",
+        );
+        self.report.add(
+            format!("cpu-server-send-{name}"),
+            "µs/event",
+            Goal::Report,
+            srv_cpu,
+            "CPU time of ferry-server during send(), per event (PostgreSQL's own processes not counted)",
+        );
         self.report.add(
             format!("capture-{name}"),
             "rows/s",
@@ -638,7 +679,7 @@ impl Bench {
     /// A second send size for the memory figure (one run).
     async fn send_memory_small(&mut self, n: u64) -> Result<()> {
         let served = self.server(Db::Sqlite, false).await?;
-        let peaks = Peaks::new(&served.server);
+        let mut peaks = Peaks::new(&served.server);
         let client = self.device(&served).await?;
         capture(&client, 0, n, false)?;
         peaks.reset();
@@ -667,9 +708,10 @@ impl Bench {
     async fn receive(&mut self, db: Db, n: u64, runs: usize, ratio: bool) -> Result<()> {
         let served = self.server(db, false).await?;
         seed(&served, n).await?;
-        let peaks = Peaks::new(&served.server);
+        let mut peaks = Peaks::new(&served.server);
         let name = db.name();
         let (mut recvs, mut dev_mem, mut srv_mem, mut bases) = (vec![], vec![], vec![], vec![]);
+        let (mut dev_cpu, mut srv_cpu) = (vec![], vec![]);
         let mut last = None;
         for _ in 0..runs {
             let client = self.device(&served).await?;
@@ -678,8 +720,11 @@ impl Bench {
             let report = client.receive().await?;
             let secs = t0.elapsed().as_secs_f64();
             let (d, s) = peaks.read();
+            let (dc, sc) = peaks.cpu();
             ensure!(report.rows_upserted == n, "received {} of {n} rows: {report:?}", report.rows_upserted);
             recvs.push(n as f64 / secs);
+            dev_cpu.push(dc * 1e6 / n as f64);
+            srv_cpu.push(sc * 1e6 / n as f64);
             dev_mem.push(d);
             srv_mem.push(s);
             last = Some(client);
@@ -707,6 +752,20 @@ impl Bench {
             );
             self.report.ratio(&format!("recv-ratio-{name}"), Goal::AtLeast(0.5), &recvs, &bases, "recv ÷ baseline");
         }
+        self.report.add(
+            format!("cpu-device-recv-{name}-{size}"),
+            "µs/row",
+            Goal::Report,
+            dev_cpu,
+            "CPU time of the device (this process) during the first receive(), per row",
+        );
+        self.report.add(
+            format!("cpu-server-recv-{name}-{size}"),
+            "µs/row",
+            Goal::Report,
+            srv_cpu,
+            "CPU time of ferry-server during the first receive(), per row (PostgreSQL's own processes not counted)",
+        );
         self.report.add(
             format!("mem-device-recv-{name}-{size}"),
             "MiB",
@@ -764,7 +823,7 @@ impl Bench {
             ("recv", page_rows, [Encoding::Postcard.encode(&page)?, Encoding::Json.encode(&page)?]),
         ] {
             for (enc, body) in ["postcard", "json"].iter().zip(bytes) {
-                let zstd = zstd::encode_all(body.as_slice(), 3)?;
+                let zstd = zstd::encode_all(body.as_slice(), ferry_protocol::codec::ZSTD_LEVEL)?;
                 for (suffix, len) in [("", body.len()), ("+zstd", zstd.len())] {
                     let goal = if *enc == "postcard" && suffix == "+zstd" && what != "send-result" {
                         Goal::AtMost(40.0)
@@ -789,7 +848,7 @@ impl Bench {
         let devices = self.mode.devices;
         let per_device = 10 * TX_ROWS;
         let served = self.server(db, false).await?;
-        let peaks = Peaks::new(&served.server);
+        let mut peaks = Peaks::new(&served.server);
         let (mut rates, mut p50s, mut p99s, mut mems) = (vec![], vec![], vec![], vec![]);
         for run in 0..self.mode.runs {
             let mut clients = Vec::with_capacity(devices);

@@ -57,9 +57,13 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), with_timeout))
         // Request bodies may arrive zstd/gzip-compressed; responses are compressed when the
-        // client accepts it (negotiated by Accept-Encoding).
+        // client accepts it (negotiated by Accept-Encoding), at the fastest level (see
+        // `ferry_protocol::codec::ZSTD_LEVEL`).
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
-        .layer(tower_http::compression::CompressionLayer::new())
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .quality(tower_http::CompressionLevel::Precise(ferry_protocol::codec::ZSTD_LEVEL)),
+        )
         .layer(middleware::from_fn(record_metrics))
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
