@@ -1090,6 +1090,9 @@ fn main() -> Result<()> {
         mode.recv_small = (rows / 10).max(INCREMENTAL);
         mode.devices = 10;
     }
+    if let Some(devices) = std::env::var("FERRY_BENCH_DEVICES").ok().and_then(|v| v.parse::<usize>().ok()) {
+        mode.devices = devices;
+    }
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build measures nothing useful; use `just bench`");
     }
