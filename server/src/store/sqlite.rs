@@ -18,12 +18,12 @@ pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
     /// Read-only connections for the change feed.
     readers: Arc<Readers>,
-    /// Held by each batch transaction from `BEGIN IMMEDIATE` to its end: SQLite has one writer,
-    /// and batches waiting here queue in arrival order and start the moment the writer before
-    /// them ends. Without it they would wait inside SQLite's busy handler, which polls with
-    /// sleeps of up to 100 ms: the database sat idle between batches and latency grew with the
-    /// number of devices sending at once.
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// The connection batches are applied on, held by each batch transaction from `BEGIN
+    /// IMMEDIATE` to its end. SQLite has one writer: batches waiting here queue in arrival order
+    /// and start the moment the one before them ends. (Waiting inside SQLite's busy handler
+    /// instead, which polls with sleeps of up to 100 ms, left the database idle between batches
+    /// and made latency grow with the number of devices sending at once.)
+    writer: Arc<tokio::sync::Mutex<Writer>>,
 }
 
 /// Connections (rusqlite, `query_only`) that read change-feed pages on a blocking thread.
@@ -84,7 +84,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         let readers = Arc::new(Readers { path: PathBuf::from(path), idle: Mutex::new(Vec::new()) });
-        Ok(SqliteStore { pool, readers, writer: Arc::new(tokio::sync::Mutex::new(())) })
+        let writer = Arc::new(tokio::sync::Mutex::new(Writer::new(PathBuf::from(path))));
+        Ok(SqliteStore { pool, readers, writer })
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
@@ -194,64 +195,115 @@ END;",
 // Applying batches
 
 use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use sqlx::Sqlite;
-use sqlx::sqlite::SqliteRow;
 
 use super::apply_tx::{
-    APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns,
-    keys_in_row_order, rows_in_key_order, rows_per_statement,
+    APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, keys_in_row_order,
+    rows_in_key_order, rows_per_statement,
 };
 
 const SQL: RowSql = RowSql { placeholder: |_| "?".to_string() };
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>;
+/// Prepared statements the writer keeps (a batch cycle uses a few dozen shapes).
+const WRITER_STATEMENT_CACHE: usize = 128;
 
-/// One batch transaction on SQLite (`BEGIN IMMEDIATE`: the single writer).
+/// The one connection batches are applied on (rusqlite), opened on first use.
+///
+/// Batches are applied with rusqlite rather than through the sqlx pool: sqlx's SQLite driver
+/// runs every statement on a worker thread and hands each bound value (copied into an `Arc`) and
+/// each returned row across a channel, which was about half of the server's time per event. Here
+/// the statements run on the task's own thread, prepared once and bound by reference. The
+/// [`SqliteStore::writer`] mutex makes this connection the single writer's turn: one batch at a
+/// time, in arrival order.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    path: PathBuf,
+    conn: Option<rusqlite::Connection>,
+}
+
+impl Writer {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Writer { path, conn: None }
+    }
+
+    fn conn(&mut self) -> Result<&mut rusqlite::Connection, StoreError> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let conn = rusqlite::Connection::open(&self.path)?;
+                conn.busy_timeout(Duration::from_secs(30))?;
+                conn.pragma_update(None, "foreign_keys", true)?;
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
+                conn
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+}
+
+/// One batch transaction on SQLite (`BEGIN IMMEDIATE`: the single writer). Dropped without
+/// [`ApplyTx::commit`], it rolls back at once.
 pub struct SqliteApplyTx {
-    tx: sqlx::Transaction<'static, Sqlite>,
-    /// The store's writer turn, given back after the transaction (declared after `tx`, so it is
-    /// dropped after it).
-    _writer: tokio::sync::OwnedMutexGuard<()>,
+    writer: tokio::sync::OwnedMutexGuard<Writer>,
+    committed: bool,
 }
 
 impl SqliteStore {
-    /// Starts a batch transaction.
+    /// Starts a batch transaction, after the batches that asked before it.
     pub async fn begin_apply(&self) -> Result<SqliteApplyTx, StoreError> {
-        let writer = self.writer.clone().lock_owned().await;
-        Ok(SqliteApplyTx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await?, _writer: writer })
+        let mut writer = self.writer.clone().lock_owned().await;
+        let conn = writer.conn()?;
+        if !conn.is_autocommit() {
+            conn.execute_batch("ROLLBACK")?;
+        }
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(SqliteApplyTx { writer, committed: false })
     }
 }
 
-fn bind<'q>(q: SqliteQuery<'q>, col: &Column, v: Value) -> SqliteQuery<'q> {
-    match v {
-        Value::Null => match col.ty {
-            ColumnType::Integer => q.bind(None::<i64>),
-            ColumnType::Real => q.bind(None::<f64>),
-            ColumnType::Bytes => q.bind(None::<Vec<u8>>),
-            ColumnType::Text | ColumnType::Blob => q.bind(None::<String>),
-        },
-        Value::Integer(i) => q.bind(i),
-        Value::Real(r) => q.bind(r),
-        Value::Text(t) => q.bind(t),
-        Value::Bytes(b) => q.bind(b),
-        Value::Blob(b) => q.bind(serde_json::to_string(&b).unwrap_or_default()),
+impl Drop for SqliteApplyTx {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        if let Some(conn) = self.writer.conn.as_mut()
+            && !conn.is_autocommit()
+            && conn.execute_batch("ROLLBACK").is_err()
+        {
+            // A connection that cannot roll back is not reused.
+            self.writer.conn = None;
+        }
     }
 }
 
-fn decode(row: &SqliteRow, i: usize, col: &Column) -> Result<Value, sqlx::Error> {
-    Ok(match col.ty {
-        ColumnType::Integer => row.try_get::<Option<i64>, _>(i)?.map_or(Value::Null, Value::Integer),
-        ColumnType::Real => row.try_get::<Option<f64>, _>(i)?.map_or(Value::Null, Value::Real),
-        ColumnType::Text => row.try_get::<Option<String>, _>(i)?.map_or(Value::Null, Value::Text),
-        ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(i)?.map_or(Value::Null, Value::Bytes),
-        ColumnType::Blob => match row.try_get::<Option<String>, _>(i)? {
-            None => Value::Null,
-            Some(text) => serde_json::from_str::<BlobRef>(&text).map_or(Value::Text(text), Value::Blob),
-        },
-    })
+impl SqliteApplyTx {
+    fn conn(&mut self) -> Result<&mut rusqlite::Connection, StoreError> {
+        self.writer.conn()
+    }
 }
 
-/// A column value read by a feed reader, as the schema types it (what [`decode`] does for sqlx).
+/// A value bound by reference (text and bytes are not copied); blob references are stored as
+/// their JSON text.
+struct Bound<'a>(&'a Value);
+
+impl rusqlite::ToSql for Bound<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Integer(i) => ToSqlOutput::Borrowed(ValueRef::Integer(*i)),
+            Value::Real(r) => ToSqlOutput::Borrowed(ValueRef::Real(*r)),
+            Value::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Value::Blob(b) => ToSqlOutput::Owned(rusqlite::types::Value::Text(
+                serde_json::to_string(b).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+            )),
+        })
+    }
+}
+
+/// A column value read by a feed reader or the writer, as the schema types it.
 fn read_value(row: &rusqlite::Row<'_>, i: usize, ty: ColumnType) -> Result<Value, rusqlite::Error> {
     Ok(match ty {
         ColumnType::Integer => row.get::<_, Option<i64>>(i)?.map_or(Value::Null, Value::Integer),
@@ -265,16 +317,15 @@ fn read_value(row: &rusqlite::Row<'_>, i: usize, ty: ColumnType) -> Result<Value
     })
 }
 
-/// SQLite extended result codes whose primary code is SQLITE_CONSTRAINT (19).
-fn classify(e: sqlx::Error) -> WriteError {
-    if let sqlx::Error::Database(db) = &e {
-        let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
-        if code & 0xff == 19 {
-            return WriteError::Constraint(db.message().to_string());
-        }
-        if code & 0xff == 20 || code & 0xff == 18 {
-            // SQLITE_MISMATCH, SQLITE_TOOBIG
-            return WriteError::Value(db.message().to_string());
+/// Sorts a failed write: the database refused the row (a constraint, including a trigger's
+/// `RAISE(ABORT, …)`), or the value (type, size), or something else went wrong.
+fn classify(e: rusqlite::Error) -> WriteError {
+    if let rusqlite::Error::SqliteFailure(code, message) = &e {
+        let message = message.clone().unwrap_or_else(|| code.to_string());
+        match code.code {
+            rusqlite::ErrorCode::ConstraintViolation => return WriteError::Constraint(message),
+            rusqlite::ErrorCode::TypeMismatch | rusqlite::ErrorCode::TooBig => return WriteError::Value(message),
+            _ => {}
         }
     }
     WriteError::Store(e.into())
@@ -282,38 +333,38 @@ fn classify(e: sqlx::Error) -> WriteError {
 
 impl ApplyTx for SqliteApplyTx {
     async fn lock_device(&mut self, device_id: &str, user_id: &str) -> Result<DeviceRecord, StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO ferry_devices (device_id, user_id) VALUES (?, ?)")
-            .bind(device_id)
-            .bind(user_id)
-            .execute(&mut *self.tx)
-            .await?;
-        let row = sqlx::query(
-            "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices WHERE device_id = ?",
-        )
-        .bind(device_id)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        let digest: Option<Vec<u8>> = row.try_get(2)?;
-        Ok(DeviceRecord {
-            device_id: device_id.to_string(),
-            user_id: row.try_get(0)?,
-            next_batch_seq: row.try_get::<i64, _>(1)? as u64,
-            last_digest: digest.and_then(|d| d.try_into().ok()),
-            last_result: row.try_get(3)?,
-        })
+        let conn = self.conn()?;
+        conn.prepare_cached("INSERT OR IGNORE INTO ferry_devices (device_id, user_id) VALUES (?1, ?2)")?
+            .execute(rusqlite::params![device_id, user_id])?;
+        let record = conn
+            .prepare_cached(
+                "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices WHERE device_id = ?1",
+            )?
+            .query_row([device_id], |row| {
+                let digest: Option<Vec<u8>> = row.get(2)?;
+                Ok(DeviceRecord {
+                    device_id: device_id.to_string(),
+                    user_id: row.get(0)?,
+                    next_batch_seq: row.get::<_, i64>(1)? as u64,
+                    last_digest: digest.and_then(|d| d.try_into().ok()),
+                    last_result: row.get(3)?,
+                })
+            })?;
+        Ok(record)
     }
 
     async fn save_device(&mut self, r: &DeviceRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE ferry_devices SET next_batch_seq = ?, last_digest = ?, last_result = ?,
-             last_seen_at = CURRENT_TIMESTAMP WHERE device_id = ?",
-        )
-        .bind(r.next_batch_seq as i64)
-        .bind(r.last_digest.map(|d| d.to_vec()))
-        .bind(r.last_result.clone())
-        .bind(&r.device_id)
-        .execute(&mut *self.tx)
-        .await?;
+        self.conn()?
+            .prepare_cached(
+                "UPDATE ferry_devices SET next_batch_seq = ?1, last_digest = ?2, last_result = ?3,
+                 last_seen_at = CURRENT_TIMESTAMP WHERE device_id = ?4",
+            )?
+            .execute(rusqlite::params![
+                r.next_batch_seq as i64,
+                r.last_digest.as_ref().map(|d| d.as_slice()),
+                r.last_result.as_deref(),
+                r.device_id
+            ])?;
         Ok(())
     }
 
@@ -322,37 +373,42 @@ impl ApplyTx for SqliteApplyTx {
     }
 
     async fn savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!("SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
+        self.conn()?.execute_batch(&format!("SAVEPOINT {}", name.name()))?;
         Ok(())
     }
 
     async fn release_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!("RELEASE {}", name.name()))).execute(&mut *self.tx).await?;
+        self.conn()?.execute_batch(&format!("RELEASE {}", name.name()))?;
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!("ROLLBACK TO {}", name.name()))).execute(&mut *self.tx).await?;
-        sqlx::query(AssertSqlSafe(format!("RELEASE {}", name.name()))).execute(&mut *self.tx).await?;
+        self.conn()?.execute_batch(&format!("ROLLBACK TO {0}; RELEASE {0}", name.name()))?;
         Ok(())
     }
 
     async fn real_key(&mut self, device_id: &str, table: &str, temporary: i64) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT real FROM ferry_key_map WHERE device_id = ? AND tbl = ? AND temporary = ?")
-            .bind(device_id)
-            .bind(table)
-            .bind(temporary)
-            .fetch_optional(&mut *self.tx)
-            .await?)
+        use rusqlite::OptionalExtension as _;
+        Ok(self
+            .conn()?
+            .prepare_cached("SELECT real FROM ferry_key_map WHERE device_id = ?1 AND tbl = ?2 AND temporary = ?3")?
+            .query_row(rusqlite::params![device_id, table, temporary], |r| r.get(0))
+            .optional()?)
     }
 
     async fn record_real_keys(&mut self, device_id: &str, mappings: &[(&str, i64, i64)]) -> Result<(), StoreError> {
+        let conn = self.conn()?;
         for chunk in mappings.chunks(rows_per_statement(4)) {
-            let mut q = sqlx::query(AssertSqlSafe(SQL.key_map_insert(chunk.len())));
+            let mut stmt = conn.prepare_cached(&SQL.key_map_insert(chunk.len()))?;
+            let mut i = 1;
             for (table, temporary, real) in chunk {
-                q = q.bind(device_id).bind(*table).bind(*temporary).bind(*real);
+                stmt.raw_bind_parameter(i, device_id)?;
+                stmt.raw_bind_parameter(i + 1, *table)?;
+                stmt.raw_bind_parameter(i + 2, *temporary)?;
+                stmt.raw_bind_parameter(i + 3, *real)?;
+                i += 4;
             }
-            q.execute(&mut *self.tx).await?;
+            stmt.raw_execute()?;
         }
         Ok(())
     }
@@ -363,21 +419,33 @@ impl ApplyTx for SqliteApplyTx {
         columns: &[&Column],
         rows: Vec<Vec<Value>>,
     ) -> Result<Vec<Key>, WriteError> {
+        let key_types: Vec<ColumnType> = table
+            .primary_key
+            .iter()
+            .map(|name| {
+                table.column(name).map(|c| c.ty).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let conn = self.conn()?;
         let mut returned = Vec::with_capacity(rows.len());
         let per_statement = if columns.is_empty() { 1 } else { rows_per_statement(columns.len()) };
         for chunk in rows.chunks(per_statement) {
-            let mut q = sqlx::query(AssertSqlSafe(SQL.insert(table, columns, chunk.len())));
+            let mut stmt = conn.prepare_cached(&SQL.insert(table, columns, chunk.len())).map_err(classify)?;
+            let mut i = 1;
             for row in chunk {
-                for (c, v) in columns.iter().zip(row) {
-                    q = bind(q, c, v.clone());
+                for v in row.iter().take(columns.len()) {
+                    stmt.raw_bind_parameter(i, Bound(v)).map_err(classify)?;
+                    i += 1;
                 }
             }
-            for row in q.fetch_all(&mut *self.tx).await.map_err(classify)? {
-                let mut key = Vec::with_capacity(table.primary_key.len());
-                for (i, name) in table.primary_key.iter().enumerate() {
-                    let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
-                    key.push(decode(&row, i, col).map_err(StoreError::from)?);
-                }
+            let mut keys = stmt.raw_query();
+            while let Some(row) = keys.next().map_err(classify)? {
+                let key = key_types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ty)| read_value(row, i, *ty))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StoreError::from)?;
                 returned.push(Key(key));
             }
         }
@@ -389,19 +457,22 @@ impl ApplyTx for SqliteApplyTx {
             return Ok(u64::from(self.read_row(table, key).await?.is_some()));
         }
         let cols: Vec<&Column> = values.iter().map(|(c, _)| *c).collect();
-        let mut q = sqlx::query(AssertSqlSafe(SQL.update(table, &cols)));
-        for (c, v) in values.iter().cloned().chain(key_columns(table, key)) {
-            q = bind(q, c, v);
-        }
-        Ok(q.execute(&mut *self.tx).await.map_err(classify)?.rows_affected())
+        let params: Vec<Bound<'_>> = values.iter().map(|(_, v)| Bound(v)).chain(key.0.iter().map(Bound)).collect();
+        let changed = self
+            .conn()?
+            .prepare_cached(&SQL.update(table, &cols))
+            .and_then(|mut stmt| stmt.execute(rusqlite::params_from_iter(params)))
+            .map_err(classify)?;
+        Ok(changed as u64)
     }
 
     async fn delete(&mut self, table: &Table, key: &Key) -> Result<u64, WriteError> {
-        let mut q = sqlx::query(AssertSqlSafe(SQL.delete(table)));
-        for (c, v) in key_columns(table, key) {
-            q = bind(q, c, v);
-        }
-        Ok(q.execute(&mut *self.tx).await.map_err(classify)?.rows_affected())
+        let changed = self
+            .conn()?
+            .prepare_cached(&SQL.delete(table))
+            .and_then(|mut stmt| stmt.execute(rusqlite::params_from_iter(key.0.iter().map(Bound))))
+            .map_err(classify)?;
+        Ok(changed as u64)
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
@@ -409,22 +480,25 @@ impl ApplyTx for SqliteApplyTx {
     }
 
     async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<(Row, u64)>>, StoreError> {
+        let conn = self.conn()?;
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(rows_per_statement(table.primary_key.len())) {
-            let mut q = sqlx::query(AssertSqlSafe(
-                SQL.select_with_version(table, chunk.len(), |cols| format!("json_array({})", cols.join(", "))),
-            ));
+            let sql = SQL.select_with_version(table, chunk.len(), |cols| format!("json_array({})", cols.join(", ")));
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut i = 1;
             for key in chunk {
-                for (c, v) in key_columns(table, key) {
-                    q = bind(q, c, v);
+                for v in &key.0 {
+                    stmt.raw_bind_parameter(i, Bound(v))?;
+                    i += 1;
                 }
             }
-            for row in q.fetch_all(&mut *self.tx).await? {
+            let mut rows = stmt.raw_query();
+            while let Some(row) = rows.next()? {
                 let mut values = Row::new();
                 for (i, col) in table.columns.iter().enumerate() {
-                    values.insert(col.name.clone(), decode(&row, i, col)?);
+                    values.insert(col.name.clone(), read_value(row, i, col.ty)?);
                 }
-                let version: Option<i64> = row.try_get(table.columns.len())?;
+                let version: Option<i64> = row.get(table.columns.len())?;
                 found.push((values, version.unwrap_or(0) as u64));
             }
         }
@@ -437,17 +511,24 @@ impl ApplyTx for SqliteApplyTx {
         batch_seq: u64,
         applied: &[AppliedEvent],
     ) -> Result<(), StoreError> {
+        let conn = self.conn()?;
         for chunk in applied.chunks(APPLY_LOG_CHUNK) {
-            let values: Vec<String> = (0..chunk.len()).map(|_| "(?, ?, ?, ?, ?)".to_string()).collect();
+            let values: Vec<&str> = vec!["(?, ?, ?, ?, ?)"; chunk.len()];
             let sql = format!(
                 "INSERT INTO ferry_apply_log (device_id, batch_seq, event_seq, tbl, op) VALUES {}",
                 values.join(", ")
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut i = 1;
             for e in chunk {
-                q = q.bind(device_id).bind(batch_seq as i64).bind(e.seq as i64).bind(e.table.as_str()).bind(e.op);
+                stmt.raw_bind_parameter(i, device_id)?;
+                stmt.raw_bind_parameter(i + 1, batch_seq as i64)?;
+                stmt.raw_bind_parameter(i + 2, e.seq as i64)?;
+                stmt.raw_bind_parameter(i + 3, e.table.as_str())?;
+                stmt.raw_bind_parameter(i + 4, e.op)?;
+                i += 5;
             }
-            q.execute(&mut *self.tx).await?;
+            stmt.raw_execute()?;
         }
         Ok(())
     }
@@ -464,12 +545,18 @@ impl ApplyTx for SqliteApplyTx {
             let sql = builder.row_in_scope(table, key);
             (sql, builder.params)
         };
-        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&mut *self.tx).await?;
-        Ok(row.try_get::<i64, _>(0)? != 0)
+        let params = params.iter().map(|p| match p {
+            Param::Int(i) => rusqlite::types::Value::Integer(*i),
+            Param::Text(t) => rusqlite::types::Value::Text(t.clone()),
+        });
+        let exists: i64 =
+            self.conn()?.prepare_cached(&sql)?.query_row(rusqlite::params_from_iter(params), |r| r.get(0))?;
+        Ok(exists != 0)
     }
 
-    async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await?;
+    async fn commit(mut self) -> Result<(), StoreError> {
+        self.conn()?.execute_batch("COMMIT")?;
+        self.committed = true;
         Ok(())
     }
 }
