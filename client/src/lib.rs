@@ -26,7 +26,7 @@ pub mod transport;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_protocol::{Batch, BlobRef, ColumnType, Cursor, Estimate, Row, Schema, Value};
 use rusqlite::Connection;
@@ -137,7 +137,7 @@ pub struct SyncReport {
 /// The device-side sync client over one local database. `Send + Sync`: share it (e.g. in an
 /// `Arc`) across threads and tasks; database access is serialized by an internal mutex.
 pub struct Client {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     path: PathBuf,
     config: ClientConfig,
     transport: Transport,
@@ -202,7 +202,7 @@ impl Client {
         )?;
         let local_blobs = blobs::LocalBlobs::for_database(&path);
         Ok(Client {
-            conn: Mutex::new(conn),
+            conn: Arc::new(Mutex::new(conn)),
             path,
             config,
             transport,
@@ -319,6 +319,33 @@ impl Client {
         db::log::prepare_next_batch(&mut conn, &schema, &self.config.batch_limits)
     }
 
+    /// Cuts and persists the batch after `current` (the one in flight), if the pending log allows
+    /// it: what `send` does during each upload (see [`db::log::cut_ahead`]). Returns whether it
+    /// cut one.
+    pub fn cut_ahead(&self, current: &Batch) -> Result<bool> {
+        let mut conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        db::log::cut_ahead(&mut conn, &schema, &self.config.batch_limits, &db::log::BatchRows::of(current))
+    }
+
+    /// [`Client::cut_ahead`] on a blocking thread, so that it runs while the upload is on the
+    /// wire whatever the runtime (on the upload's own thread, the request would wait for it).
+    async fn cut_ahead_beside(&self, current: &Batch) -> Result<bool> {
+        let conn = self.conn.clone();
+        let limits = self.config.batch_limits;
+        let rows = db::log::BatchRows::of(current);
+        let cut = tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let schema = db::stored_schema(&conn)?.ok_or(Error::NoSchema)?;
+            db::log::cut_ahead(&mut conn, &schema, &limits, &rows)
+        });
+        match cut.await {
+            Ok(cut) => cut,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::InvalidState(format!("cutting the next batch was stopped: {e}"))),
+        }
+    }
+
     /// Applies a server answer to the in-flight batch (what `send` does after each upload).
     pub fn apply_result(&self, result: &ferry_protocol::BatchResult) -> Result<()> {
         let mut conn = self.lock();
@@ -348,9 +375,9 @@ impl Client {
             // Planning the batches reads the whole pending log: only a progress report needs it.
             let batches_total = match progress {
                 Some(_) => {
-                    let inflight = db::log::inflight_batch(&conn)?;
+                    let inflight = db::log::inflight_batches(&conn)?.len() as u64;
                     let planned = db::log::planned_batches(&conn, &schema, &self.config.batch_limits)?;
-                    planned + u64::from(inflight.is_some())
+                    planned + inflight
                 }
                 None => 0,
             };
@@ -362,7 +389,7 @@ impl Client {
         loop {
             command = match command {
                 Command::LoadNextBatch => machine.step(Input::BatchLoaded(self.next_batch()?)),
-                Command::Upload(batch) => {
+                Command::Upload { batch, cut_ahead } => {
                     // R14: the blobs the batch references go first (the server applies an event
                     // only once its blobs are complete). A blob the server refuses is left to
                     // the event's `blob_missing` outcome; a transport failure retries the batch.
@@ -370,7 +397,18 @@ impl Client {
                         command = machine.step(Input::TransportFailed(e.to_string()));
                         continue;
                     }
-                    let input = match self.transport.upload(&batch).await {
+                    let upload = self.transport.upload(&batch);
+                    let answer = if cut_ahead {
+                        // The device cuts the next batch while the server applies this one.
+                        let (answer, ahead) = tokio::join!(upload, self.cut_ahead_beside(&batch));
+                        // A local failure stops the send; an answer dropped here is replayed by
+                        // the server when the batch is sent again.
+                        ahead?;
+                        answer
+                    } else {
+                        upload.await
+                    };
+                    let input = match answer {
                         Ok(result) => Input::Answered(result),
                         Err(UploadError::Refused(body)) => Input::Refused(body),
                         Err(UploadError::Transport(reason)) => Input::TransportFailed(reason),
@@ -640,18 +678,14 @@ impl Client {
     pub fn collect_blobs(&self) -> Result<usize> {
         let keep: HashSet<String> = self.referenced_blobs()?.into_iter().map(|b| b.sha256).collect();
         let conn = self.lock();
-        let inflight: HashSet<String> = db::log::inflight_batch(&conn)?
-            .map(|b| {
-                b.events
-                    .iter()
-                    .flat_map(|e| e.values.values())
-                    .filter_map(|v| match v {
-                        Value::Blob(b) => Some(b.sha256.clone()),
-                        _ => None,
-                    })
-                    .collect()
+        let inflight: HashSet<String> = db::log::inflight_batches(&conn)?
+            .iter()
+            .flat_map(|b| b.events.iter().flat_map(|e| e.values.values()))
+            .filter_map(|v| match v {
+                Value::Blob(b) => Some(b.sha256.clone()),
+                _ => None,
             })
-            .unwrap_or_default();
+            .collect();
         let mut removed = 0;
         for sha256 in self.local_blobs.list()? {
             if keep.contains(&sha256) || inflight.contains(&sha256) {

@@ -353,10 +353,11 @@ pub fn discard(conn: &mut Connection, schema: &Schema, seq: i64) -> Result<()> {
     Ok(())
 }
 
-/// The batch the next upload sends: the stored in-flight batch if there is one (crash recovery:
-/// same id, same content), else the next batch cut from the pending log. A new batch is made
-/// durable in one transaction *before* it is uploaded: its events are marked in flight, consumed
-/// checkpoints deleted, the encoded batch stored and the batch sequence number incremented.
+/// The batch the next upload sends: the lowest stored in-flight batch if there is one (crash
+/// recovery, or a batch cut ahead: same id, same content), else the next batch cut from the
+/// pending log. A new batch is made durable in one transaction *before* it is uploaded: its
+/// events are marked in flight, consumed checkpoints deleted, the encoded batch stored and the
+/// batch sequence number incremented.
 pub fn prepare_next_batch(
     conn: &mut Connection,
     schema: &Schema,
@@ -366,22 +367,104 @@ pub fn prepare_next_batch(
         return Ok(Some(batch));
     }
     let tx = conn.transaction()?;
-    let entries = window_for_cut(&tx, schema, 0, limits)?;
-    let mut delete_checkpoint = tx.prepare_cached("DELETE FROM ferry_log WHERE seq = ?1 AND kind = 'checkpoint'")?;
+    let batch = cut_and_persist(&tx, schema, limits, None)?;
+    tx.commit()?;
+    Ok(batch)
+}
+
+/// Cuts the batch after the one in flight while that one is being uploaded, so the device's
+/// share of the work overlaps the server's (the batch is persisted exactly as by
+/// [`prepare_next_batch`], which then returns it). Returns whether a batch was cut.
+///
+/// Only what the answer to the batch in flight cannot change goes into it: the cut stops before
+/// the first local transaction that touches a row the batch in flight touches (its answer
+/// rewrites such rows' versions and keys), and nothing is cut ahead across a checkpoint (a batch
+/// cut ahead is cut again if that answer puts events back to pending, see
+/// [`unflight_after`]). Nothing is cut unless `current` is the only batch in flight.
+pub fn cut_ahead(
+    conn: &mut Connection,
+    schema: &Schema,
+    limits: &crate::engine::batcher::BatchLimits,
+    current: &BatchRows,
+) -> Result<bool> {
+    let inflight: Vec<i64> = {
+        let mut stmt = conn.prepare_cached("SELECT batch_seq FROM ferry_inflight ORDER BY batch_seq")?;
+        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    if inflight != [current.batch_seq as i64] {
+        return Ok(false);
+    }
+    let tx = conn.transaction()?;
+    let batch = cut_and_persist(&tx, schema, limits, Some(&current.rows))?;
+    tx.commit()?;
+    Ok(batch.is_some())
+}
+
+/// A batch's number and the rows its events touch (table, key text): what [`cut_ahead`] keeps
+/// out of the batch it cuts after it.
+#[derive(Debug, Clone)]
+pub struct BatchRows {
+    /// The batch's sequence number.
+    pub batch_seq: u64,
+    /// (table, key as [`ferry_protocol::Key`] displays it) of each event.
+    pub rows: std::collections::HashSet<(String, String)>,
+}
+
+impl BatchRows {
+    /// The rows `batch` touches.
+    pub fn of(batch: &ferry_protocol::Batch) -> Self {
+        BatchRows {
+            batch_seq: batch.batch_seq,
+            rows: batch.events.iter().map(|e| (e.table.clone(), e.key.to_string())).collect(),
+        }
+    }
+}
+
+/// Cuts the next batch from the pending log and persists it (see [`prepare_next_batch`]). With
+/// `avoid` (a cut ahead), the batch ends before the first local transaction with an event on one
+/// of those rows, and no batch is cut if it would consume a checkpoint.
+fn cut_and_persist(
+    tx: &Connection,
+    schema: &Schema,
+    limits: &crate::engine::batcher::BatchLimits,
+    avoid: Option<&std::collections::HashSet<(String, String)>>,
+) -> Result<Option<ferry_protocol::Batch>> {
+    let entries = window_for_cut(tx, schema, 0, limits)?;
     // Cuts that consume only checkpoints are skipped; the first cut with events is the batch.
     let mut start = 0;
     let end = loop {
         let cut = crate::engine::batcher::next_batch(&entries[start..], limits);
-        for entry in &entries[start..start + cut.consumed] {
-            if let LogEntry::Checkpoint(c) = entry {
-                delete_checkpoint.execute([c.seq as i64])?;
-            }
-        }
         if cut.events > 0 || cut.consumed == 0 {
             break start + cut.consumed;
         }
         start += cut.consumed;
     };
+    let mut end = end;
+    if let Some(avoid) = avoid {
+        if entries[..end].iter().any(|e| matches!(e, LogEntry::Checkpoint(_))) {
+            return Ok(None);
+        }
+        let clash = entries[start..end].iter().find_map(|e| match e {
+            LogEntry::Event(ev) if avoid.contains(&(ev.table.clone(), ev.key.to_string())) => Some(ev.tx),
+            _ => None,
+        });
+        if let Some(tx_id) = clash {
+            // Whole local transactions only: end before the first event of the clashing one.
+            end = entries[start..end]
+                .iter()
+                .position(|e| matches!(e, LogEntry::Event(ev) if ev.tx == tx_id))
+                .map_or(end, |p| start + p);
+        }
+    }
+    {
+        let mut delete_checkpoint =
+            tx.prepare_cached("DELETE FROM ferry_log WHERE seq = ?1 AND kind = 'checkpoint'")?;
+        for entry in &entries[..end] {
+            if let LogEntry::Checkpoint(c) = entry {
+                delete_checkpoint.execute([c.seq as i64])?;
+            }
+        }
+    }
     let batch: Vec<Event> = entries
         .into_iter()
         .take(end)
@@ -391,13 +474,11 @@ pub fn prepare_next_batch(
             LogEntry::Checkpoint(_) => None,
         })
         .collect();
-    drop(delete_checkpoint);
     let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-        tx.commit()?;
         return Ok(None);
     };
-    let batch_seq = crate::db::next_batch_seq(&tx)?;
-    let device_id = crate::db::device_id(&tx)?;
+    let batch_seq = crate::db::next_batch_seq(tx)?;
+    let device_id = crate::db::device_id(tx)?;
     // The batch is a run of consecutive pending entries (the window holds every pending event and
     // checkpoint in order, and its checkpoints are deleted above), so its events are exactly the
     // pending events between its first and last seq.
@@ -412,10 +493,26 @@ pub fn prepare_next_batch(
     }
     let batch = ferry_protocol::Batch::new(device_id, batch_seq, schema.version.clone(), batch);
     let body = postcard::to_stdvec(&batch).map_err(|e| Error::Corrupt(format!("encoding batch: {e}")))?;
-    tx.execute("INSERT INTO ferry_inflight(batch_seq, body) VALUES (?1, ?2)", params![batch_seq as i64, body])?;
-    crate::db::meta_set(&tx, "next_batch_seq", &(batch_seq + 1).to_string())?;
-    tx.commit()?;
+    tx.prepare_cached("INSERT INTO ferry_inflight(batch_seq, body) VALUES (?1, ?2)")?
+        .execute(params![batch_seq as i64, body])?;
+    crate::db::meta_set(tx, "next_batch_seq", &(batch_seq + 1).to_string())?;
     Ok(Some(batch))
+}
+
+/// Puts the batches in flight after `batch_seq` back into the pending log, unsent: their events
+/// become pending, their stored bodies are dropped and the batch sequence number continues from
+/// `batch_seq + 1` again. For batches cut ahead that were never uploaded, when the answer to
+/// `batch_seq` put some of its events back to pending (those must be sent first, R2).
+pub fn unflight_after(conn: &Connection, batch_seq: i64) -> Result<()> {
+    let dropped = conn.prepare_cached("DELETE FROM ferry_inflight WHERE batch_seq > ?1")?.execute([batch_seq])?;
+    if dropped > 0 {
+        conn.prepare_cached(
+            "UPDATE ferry_log SET status = 'pending', batch_seq = NULL WHERE batch_seq > ?1 AND status = 'in_flight'",
+        )?
+        .execute([batch_seq])?;
+        crate::db::meta_set(conn, "next_batch_seq", &(batch_seq + 1).to_string())?;
+    }
+    Ok(())
 }
 
 /// Whether the next batch cut from `entries` (leading checkpoints skipped) ends before the last
@@ -431,11 +528,22 @@ fn cut_fits(entries: &[LogEntry], limits: &crate::engine::batcher::BatchLimits) 
     }
 }
 
-/// The stored in-flight batch, if any.
+/// The first stored in-flight batch (the one to upload next), if any.
 pub fn inflight_batch(conn: &Connection) -> Result<Option<ferry_protocol::Batch>> {
     let body: Option<Vec<u8>> =
         conn.query_row("SELECT body FROM ferry_inflight ORDER BY batch_seq LIMIT 1", [], |r| r.get(0)).optional()?;
-    body.map(|b| postcard::from_bytes(&b).map_err(|e| Error::Corrupt(format!("in-flight batch: {e}")))).transpose()
+    body.map(|b| decode_inflight(&b)).transpose()
+}
+
+/// Every stored in-flight batch, in order: the one being uploaded and at most one cut ahead.
+pub fn inflight_batches(conn: &Connection) -> Result<Vec<ferry_protocol::Batch>> {
+    let mut stmt = conn.prepare_cached("SELECT body FROM ferry_inflight ORDER BY batch_seq")?;
+    let bodies = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>()?;
+    bodies.iter().map(|b| decode_inflight(b)).collect()
+}
+
+fn decode_inflight(body: &[u8]) -> Result<ferry_protocol::Batch> {
+    postcard::from_bytes(body).map_err(|e| Error::Corrupt(format!("in-flight batch: {e}")))
 }
 
 /// The number of events waiting to be sent (pending or in flight).

@@ -67,10 +67,15 @@ pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult
     tx.prepare_cached("DELETE FROM ferry_log WHERE batch_seq = ?1 AND seq IN (SELECT value FROM json_each(?2))")?
         .execute(params![batch_seq, applied])?;
     // Not-applied events, and anything of this batch the answer did not mention, go back to pending.
-    tx.prepare_cached(
-        "UPDATE ferry_log SET status = 'pending', batch_seq = NULL WHERE batch_seq = ?1 AND status = 'in_flight'",
-    )?
-    .execute([batch_seq])?;
+    let back_to_pending = tx
+        .prepare_cached(
+            "UPDATE ferry_log SET status = 'pending', batch_seq = NULL WHERE batch_seq = ?1 AND status = 'in_flight'",
+        )?
+        .execute([batch_seq])?;
+    if back_to_pending > 0 {
+        // They go before anything cut after them (R2): a batch cut ahead is cut again.
+        crate::db::log::unflight_after(&tx, batch_seq)?;
+    }
     apply_remaps(&tx, schema, &result.remaps)?;
     apply_images(&tx, schema, &result.images)?;
     tx.execute("DELETE FROM ferry_inflight WHERE batch_seq = ?1", [batch_seq])?;

@@ -1,10 +1,13 @@
 //! The send state machine (R2, R5). Pure: it never touches the network or the database; the
 //! driver (`Client::send`) performs its commands and feeds back what happened.
 //!
-//! One batch is in flight at a time. A transport failure re-uploads the *same* batch (same id,
+//! One batch is uploaded at a time. A transport failure re-uploads the *same* batch (same id,
 //! same content) after an exponential backoff, up to `max_attempts`; a refusal of the whole
-//! request stops the send with a typed error. The next batch is loaded only after the result of
+//! request stops the send with a typed error. The next batch is uploaded only after the result of
 //! the previous one has been applied locally, so batches reach the server in order.
+//!
+//! While a batch's first attempt is on the wire the driver cuts the next batch ahead (see
+//! [`crate::db::log::cut_ahead`]): the device prepares batch N+1 while the server applies N.
 
 use std::time::Duration;
 
@@ -59,8 +62,14 @@ pub enum Input {
 pub enum Command {
     /// Load the in-flight batch, or cut and persist the next one.
     LoadNextBatch,
-    /// Upload this batch.
-    Upload(Batch),
+    /// Upload this batch; with `cut_ahead`, cut and persist the next batch meanwhile.
+    Upload {
+        /// The batch to upload.
+        batch: Batch,
+        /// Whether to cut the next batch ahead during this upload (its first attempt: a retry
+        /// finds it already cut).
+        cut_ahead: bool,
+    },
     /// Wait, then report [`Input::Slept`].
     Sleep(Duration),
     /// Apply this result locally, then report [`Input::ResultApplied`].
@@ -160,7 +169,7 @@ impl SendMachine {
             }
             (State::Loading, Input::BatchLoaded(Some(batch))) => {
                 self.state = State::Uploading { batch: batch.clone(), failures: 0 };
-                Command::Upload(batch)
+                Command::Upload { batch, cut_ahead: true }
             }
             (State::Uploading { batch, .. }, Input::Answered(result)) => {
                 if result.batch_seq != batch.batch_seq {
@@ -203,7 +212,7 @@ impl SendMachine {
             },
             (State::Sleeping { batch, failures }, Input::Slept) => {
                 self.state = State::Uploading { batch: batch.clone(), failures };
-                Command::Upload(batch)
+                Command::Upload { batch, cut_ahead: false }
             }
             (State::Applying, Input::ResultApplied) => {
                 self.report.batches += 1;
@@ -270,14 +279,16 @@ mod tests {
         let mut m = machine(6);
         assert!(matches!(m.start(), Command::LoadNextBatch));
         let b1 = batch(1, &[1, 2]);
-        let Command::Upload(up) = m.step(Input::BatchLoaded(Some(b1.clone()))) else { panic!() };
+        let Command::Upload { batch: up, cut_ahead: true } = m.step(Input::BatchLoaded(Some(b1.clone()))) else {
+            panic!()
+        };
         assert_eq!(up, b1);
         let Command::ApplyResult(r) = m.step(Input::Answered(result(&b1))) else { panic!() };
         assert_eq!(r.batch_seq, 1);
         assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
         assert_eq!(m.progress(), Progress { events_sent: 2, events_total: 3, batches_sent: 1, batches_total: 2 });
         let b2 = batch(2, &[3]);
-        assert!(matches!(m.step(Input::BatchLoaded(Some(b2.clone()))), Command::Upload(_)));
+        assert!(matches!(m.step(Input::BatchLoaded(Some(b2.clone()))), Command::Upload { cut_ahead: true, .. }));
         assert!(matches!(m.step(Input::Answered(result(&b2))), Command::ApplyResult(_)));
         assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
         let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
@@ -294,7 +305,7 @@ mod tests {
         for _ in 0..3 {
             let Command::Sleep(d) = m.step(Input::TransportFailed("reset".into())) else { panic!() };
             sleeps.push(d);
-            let Command::Upload(again) = m.step(Input::Slept) else { panic!() };
+            let Command::Upload { batch: again, cut_ahead: false } = m.step(Input::Slept) else { panic!() };
             assert_eq!(again, b, "a retry must re-send the same batch");
         }
         assert_eq!(sleeps, [100, 200, 400].map(Duration::from_millis));
