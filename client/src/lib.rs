@@ -316,34 +316,48 @@ impl Client {
     pub fn next_batch(&self) -> Result<Option<Batch>> {
         let mut conn = self.lock();
         let schema = self.require_schema(&conn)?;
+        // An answer stored to be applied beside the next upload, which a crash interrupted, is
+        // applied before anything else (see `engine::send`).
+        if let Some(result) = db::log::stored_result(&conn)? {
+            engine::apply::apply_result(&mut conn, &schema, &result)?;
+        }
         db::log::prepare_next_batch(&mut conn, &schema, &self.config.batch_limits)
     }
 
     /// Cuts and persists the batch after `current` (the one in flight), if the pending log allows
-    /// it: what `send` does during each upload (see [`db::log::cut_ahead`]). Returns whether it
-    /// cut one.
-    pub fn cut_ahead(&self, current: &Batch) -> Result<bool> {
+    /// it: what `send` does during each upload (see [`db::log::cut_ahead`]). Returns the batch
+    /// it cut.
+    pub fn cut_ahead(&self, current: &Batch) -> Result<Option<Batch>> {
         let mut conn = self.lock();
         let schema = self.require_schema(&conn)?;
         db::log::cut_ahead(&mut conn, &schema, &self.config.batch_limits, &db::log::BatchRows::of(current))
     }
 
-    /// [`Client::cut_ahead`] on a blocking thread, so that it runs while the upload is on the
-    /// wire whatever the runtime (on the upload's own thread, the request would wait for it).
-    async fn cut_ahead_beside(&self, current: &Batch) -> Result<bool> {
+    /// Runs `work` on the database on a blocking thread, so that it runs while an upload is on
+    /// the wire whatever the runtime (on the upload's own thread, the request would wait for it).
+    async fn beside_upload<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection, &Schema) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let conn = self.conn.clone();
-        let limits = self.config.batch_limits;
-        let rows = db::log::BatchRows::of(current);
-        let cut = tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
             let schema = db::stored_schema(&conn)?.ok_or(Error::NoSchema)?;
-            db::log::cut_ahead(&mut conn, &schema, &limits, &rows)
+            work(&mut conn, &schema)
         });
-        match cut.await {
-            Ok(cut) => cut,
+        match done.await {
+            Ok(done) => done,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(Error::InvalidState(format!("cutting the next batch was stopped: {e}"))),
+            Err(e) => Err(Error::InvalidState(format!("local work beside an upload was stopped: {e}"))),
         }
+    }
+
+    /// Uploads a batch, the blobs it references first (R14: the server applies an event only
+    /// once its blobs are complete). A blob the server refuses is left to the event's
+    /// `blob_missing` outcome; a blob upload that fails in transit fails the whole upload.
+    async fn upload_with_blobs(&self, batch: &Batch) -> std::result::Result<ferry_protocol::BatchResult, UploadError> {
+        self.upload_blobs_of(batch).await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        self.transport.upload(batch).await
     }
 
     /// Applies a server answer to the in-flight batch (what `send` does after each upload).
@@ -390,30 +404,39 @@ impl Client {
             command = match command {
                 Command::LoadNextBatch => machine.step(Input::BatchLoaded(self.next_batch()?)),
                 Command::Upload { batch, cut_ahead } => {
-                    // R14: the blobs the batch references go first (the server applies an event
-                    // only once its blobs are complete). A blob the server refuses is left to
-                    // the event's `blob_missing` outcome; a transport failure retries the batch.
-                    if let Err(e) = self.upload_blobs_of(&batch).await {
-                        command = machine.step(Input::TransportFailed(e.to_string()));
-                        continue;
-                    }
-                    let upload = self.transport.upload(&batch);
-                    let answer = if cut_ahead {
+                    let (answer, next) = if cut_ahead {
                         // The device cuts the next batch while the server applies this one.
-                        let (answer, ahead) = tokio::join!(upload, self.cut_ahead_beside(&batch));
+                        let limits = self.config.batch_limits;
+                        let rows = db::log::BatchRows::of(&batch);
+                        let cut =
+                            self.beside_upload(move |conn, schema| db::log::cut_ahead(conn, schema, &limits, &rows));
+                        let (answer, next) = tokio::join!(self.upload_with_blobs(&batch), cut);
                         // A local failure stops the send; an answer dropped here is replayed by
                         // the server when the batch is sent again.
-                        ahead?;
-                        answer
+                        (answer, next?)
                     } else {
-                        upload.await
+                        (self.upload_with_blobs(&batch).await, None)
                     };
-                    let input = match answer {
-                        Ok(result) => Input::Answered(result),
-                        Err(UploadError::Refused(body)) => Input::Refused(body),
-                        Err(UploadError::Transport(reason)) => Input::TransportFailed(reason),
-                    };
-                    machine.step(input)
+                    machine.step(upload_input(answer, next))
+                }
+                Command::ApplyResultBeside { result, next } => {
+                    // The server keeps only its last answer: this one is stored before the next
+                    // upload can replace it, then applied while that upload is on the wire; once
+                    // applied, the batch after `next` is cut.
+                    db::log::store_result(&self.lock(), &result)?;
+                    let limits = self.config.batch_limits;
+                    let rows = db::log::BatchRows::of(&next);
+                    let apply = self.beside_upload(move |conn, schema| {
+                        engine::apply::apply_result(conn, schema, &result)?;
+                        db::log::cut_ahead(conn, schema, &limits, &rows)
+                    });
+                    let (answer, after_next) = tokio::join!(self.upload_with_blobs(&next), apply);
+                    let after_next = after_next?;
+                    let next_command = machine.step(Input::AppliedBeside(Box::new(upload_input(answer, after_next))));
+                    if let Some(cb) = progress {
+                        cb(machine.progress());
+                    }
+                    next_command
                 }
                 Command::Sleep(d) => {
                     tokio::time::sleep(d).await;
@@ -708,6 +731,16 @@ impl Client {
     /// Bytes moved by blob transfers since this client was opened.
     pub fn blob_stats(&self) -> BlobStats {
         self.blob_counters.stats()
+    }
+}
+
+/// What an upload's outcome tells the send machine (`next`: the batch cut ahead meanwhile).
+fn upload_input(answer: std::result::Result<ferry_protocol::BatchResult, UploadError>, next: Option<Batch>) -> Input {
+    match (answer, next) {
+        (Ok(result), Some(next)) => Input::AnsweredWithNext(result, next),
+        (Ok(result), None) => Input::Answered(result),
+        (Err(UploadError::Refused(body)), _) => Input::Refused(body),
+        (Err(UploadError::Transport(reason)), _) => Input::TransportFailed(reason),
     }
 }
 

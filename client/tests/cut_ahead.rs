@@ -27,8 +27,8 @@ fn the_next_batch_is_cut_ahead_and_uploaded_after_the_one_in_flight() {
     c.transaction(|tx| tx.execute("INSERT INTO invoice(customer_id, salesperson_id) VALUES (-1, 'u1')", [])).unwrap();
 
     let b1 = c.next_batch().unwrap().unwrap();
-    assert!(c.cut_ahead(&b1).unwrap(), "the invoice insert touches no row of batch 1");
-    assert!(!c.cut_ahead(&b1).unwrap(), "at most one batch is cut ahead");
+    assert!(c.cut_ahead(&b1).unwrap().is_some(), "the invoice insert touches no row of batch 1");
+    assert!(c.cut_ahead(&b1).unwrap().is_none(), "at most one batch is cut ahead");
     assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_inflight"), Some(2));
     // The batch in flight is still the one uploaded next.
     assert_eq!(c.next_batch().unwrap().unwrap(), b1);
@@ -60,7 +60,7 @@ fn a_transaction_touching_a_row_of_the_batch_in_flight_waits_for_its_answer() {
 
     let b1 = c.next_batch().unwrap().unwrap();
     assert_eq!(b1.events.len(), 1);
-    assert!(c.cut_ahead(&b1).unwrap());
+    assert!(c.cut_ahead(&b1).unwrap().is_some());
     let ahead = c.with_connection(ferry_client::db::log::inflight_batches).unwrap();
     assert_eq!(ahead.len(), 2);
     assert_eq!(ahead[1].events.len(), 1, "only Bob's insert, which touches nothing of batch 1: {:?}", ahead[1]);
@@ -99,7 +99,7 @@ fn events_put_back_to_pending_go_before_the_batch_cut_ahead() {
 
     let b1 = c.next_batch().unwrap().unwrap();
     assert_eq!(b1.events.len(), 2);
-    assert!(c.cut_ahead(&b1).unwrap());
+    assert!(c.cut_ahead(&b1).unwrap().is_some());
     // A server hook stopped after Ada: Bob is not applied and must be sent before Cy.
     c.apply_result(&BatchResult {
         batch_seq: b1.batch_seq,
@@ -126,7 +126,7 @@ fn nothing_is_cut_ahead_across_a_checkpoint() {
     insert_customer(&c, "Cy");
 
     let b1 = c.next_batch().unwrap().unwrap();
-    assert!(!c.cut_ahead(&b1).unwrap(), "Bob's batch would end at a checkpoint");
+    assert!(c.cut_ahead(&b1).unwrap().is_none(), "Bob's batch would end at a checkpoint");
     assert_eq!(log(&c).iter().filter(|e| e.kind == "checkpoint").count(), 1);
     c.apply_result(&BatchResult {
         batch_seq: b1.batch_seq,
@@ -137,5 +137,33 @@ fn nothing_is_cut_ahead_across_a_checkpoint() {
     .unwrap();
     let b2 = c.next_batch().unwrap().unwrap();
     assert_eq!(b2.events.len(), 1, "the checkpoint still ends Bob's batch");
-    assert!(c.cut_ahead(&b2).unwrap(), "Cy's batch has no checkpoint left to cross");
+    assert!(c.cut_ahead(&b2).unwrap().is_some(), "Cy's batch has no checkpoint left to cross");
+}
+
+#[test]
+fn an_answer_stored_before_the_next_upload_is_applied_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(&dir);
+    insert_customer(&c, "Ada");
+    c.checkpoint().unwrap();
+    insert_customer(&c, "Bob");
+    let b1 = c.next_batch().unwrap().unwrap();
+    let b2 = c.cut_ahead(&b1).unwrap().unwrap();
+    let answer = BatchResult {
+        batch_seq: b1.batch_seq,
+        outcomes: vec![applied(b1.events[0].seq)],
+        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(-1), real: Key::int(5) }],
+        images: vec![],
+    };
+    // The answer to batch 1 is stored, batch 2 goes on the wire (the server forgets answer 1
+    // once it applies batch 2), and the device crashes before applying answer 1.
+    drop(c);
+    let path = dir.path().join("device.db");
+    ferry_client::db::log::store_result(&ferry_client::db::open(&path).unwrap(), &answer).unwrap();
+
+    let c = ferry_client::Client::open(&path, config("http://127.0.0.1:9")).unwrap();
+    assert_eq!(c.next_batch().unwrap().unwrap(), b2, "batch 2 is next, unchanged");
+    assert_eq!(scalar_i64(&c, "SELECT id FROM customer WHERE name = 'Ada'"), Some(5), "answer 1 was applied first");
+    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_inflight"), Some(1));
+    assert!(log(&c).iter().all(|e| e.tbl.as_deref() != Some("customer") || e.pk.as_deref() != Some("[-1]")));
 }

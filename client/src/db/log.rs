@@ -374,7 +374,7 @@ pub fn prepare_next_batch(
 
 /// Cuts the batch after the one in flight while that one is being uploaded, so the device's
 /// share of the work overlaps the server's (the batch is persisted exactly as by
-/// [`prepare_next_batch`], which then returns it). Returns whether a batch was cut.
+/// [`prepare_next_batch`], which then returns it) and returns it.
 ///
 /// Only what the answer to the batch in flight cannot change goes into it: the cut stops before
 /// the first local transaction that touches a row the batch in flight touches (its answer
@@ -386,18 +386,18 @@ pub fn cut_ahead(
     schema: &Schema,
     limits: &crate::engine::batcher::BatchLimits,
     current: &BatchRows,
-) -> Result<bool> {
+) -> Result<Option<ferry_protocol::Batch>> {
     let inflight: Vec<i64> = {
         let mut stmt = conn.prepare_cached("SELECT batch_seq FROM ferry_inflight ORDER BY batch_seq")?;
         stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
     };
     if inflight != [current.batch_seq as i64] {
-        return Ok(false);
+        return Ok(None);
     }
     let tx = conn.transaction()?;
     let batch = cut_and_persist(&tx, schema, limits, Some(&current.rows))?;
     tx.commit()?;
-    Ok(batch.is_some())
+    Ok(batch)
 }
 
 /// A batch's number and the rows its events touch (table, key text): what [`cut_ahead`] keeps
@@ -528,11 +528,36 @@ fn cut_fits(entries: &[LogEntry], limits: &crate::engine::batcher::BatchLimits) 
     }
 }
 
-/// The first stored in-flight batch (the one to upload next), if any.
+/// The first stored in-flight batch whose answer is not stored (the one to upload next), if any.
 pub fn inflight_batch(conn: &Connection) -> Result<Option<ferry_protocol::Batch>> {
-    let body: Option<Vec<u8>> =
-        conn.query_row("SELECT body FROM ferry_inflight ORDER BY batch_seq LIMIT 1", [], |r| r.get(0)).optional()?;
+    let body: Option<Vec<u8>> = conn
+        .query_row("SELECT body FROM ferry_inflight WHERE result IS NULL ORDER BY batch_seq LIMIT 1", [], |r| r.get(0))
+        .optional()?;
     body.map(|b| decode_inflight(&b)).transpose()
+}
+
+/// Stores the server's answer to an in-flight batch, durably, before the next batch is uploaded
+/// (the server keeps only its last answer). [`crate::engine::apply::apply_result`] removes it
+/// with the batch.
+pub fn store_result(conn: &Connection, result: &ferry_protocol::BatchResult) -> Result<()> {
+    let body = postcard::to_stdvec(result).map_err(|e| Error::Corrupt(format!("encoding result: {e}")))?;
+    let stored = conn
+        .prepare_cached("UPDATE ferry_inflight SET result = ?1 WHERE batch_seq = ?2")?
+        .execute(params![body, result.batch_seq as i64])?;
+    if stored != 1 {
+        return Err(Error::ResultMismatch(format!("no batch {} in flight to store its answer", result.batch_seq)));
+    }
+    Ok(())
+}
+
+/// The first stored answer not applied yet (a crash came between storing and applying it).
+pub fn stored_result(conn: &Connection) -> Result<Option<ferry_protocol::BatchResult>> {
+    let body: Option<Vec<u8>> = conn
+        .query_row("SELECT result FROM ferry_inflight WHERE result IS NOT NULL ORDER BY batch_seq LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    body.map(|b| postcard::from_bytes(&b).map_err(|e| Error::Corrupt(format!("stored answer: {e}")))).transpose()
 }
 
 /// Every stored in-flight batch, in order: the one being uploaded and at most one cut ahead.

@@ -10,7 +10,10 @@
 //! - `ferry_versions`: the server version of each row the device last saw (`WITHOUT ROWID`, one
 //!   B-tree keyed by table and key text; databases created before that keep the rowid form, which
 //!   every statement handles the same);
-//! - `ferry_inflight`: the exact batch being uploaded (postcard), so a crash re-sends it unchanged;
+//! - `ferry_inflight`: the exact batches in flight (postcard), so a crash re-sends them unchanged:
+//!   the one being uploaded and at most one cut ahead; `result` holds the server's answer to the
+//!   first once it is stored to be applied beside the next upload (applied before anything else
+//!   if a crash came between);
 //! - `ferry_staged`: the pages of the receive in progress (postcard), applied together once the
 //!   last one is in; `ferry_meta` keys `cursor`, `receive_next` and `receive_full` track it.
 
@@ -61,7 +64,7 @@ CREATE TABLE IF NOT EXISTS ferry_versions(
   version INTEGER NOT NULL,
   PRIMARY KEY (tbl, pk)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL, result BLOB);
 CREATE TABLE IF NOT EXISTS ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
 "#;
 
@@ -80,6 +83,14 @@ pub fn open(path: &Path) -> Result<Connection> {
     // plus the app's own): room for all of them, so none is compiled again per batch or page.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     conn.execute_batch(MIGRATION)?;
+    // Databases created before answers were stored beside their batches.
+    let has_result: i64 =
+        conn.query_row("SELECT count(*) FROM pragma_table_info('ferry_inflight') WHERE name = 'result'", [], |r| {
+            r.get(0)
+        })?;
+    if has_result == 0 {
+        conn.execute_batch("ALTER TABLE ferry_inflight ADD COLUMN result BLOB")?;
+    }
     conn.execute("UPDATE ferry_ctl SET applying = 0 WHERE id = 1", [])?;
     if meta_get(&conn, "device_id")?.is_none() {
         meta_set(&conn, "device_id", &uuid::Uuid::now_v7().to_string())?;

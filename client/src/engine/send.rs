@@ -6,8 +6,13 @@
 //! request stops the send with a typed error. The next batch is uploaded only after the result of
 //! the previous one has been applied locally, so batches reach the server in order.
 //!
-//! While a batch's first attempt is on the wire the driver cuts the next batch ahead (see
-//! [`crate::db::log::cut_ahead`]): the device prepares batch N+1 while the server applies N.
+//! The device's work overlaps the server's: while a batch's first attempt is on the wire the
+//! driver cuts the next batch ahead (see [`crate::db::log::cut_ahead`]), and when the answer to
+//! batch N arrives with N+1 already cut, the driver stores the answer, then applies it while N+1
+//! is uploaded ([`Command::ApplyResultBeside`]). The server keeps only its last answer, so the
+//! device stores N's before N+1 can replace it; a stored answer is applied before anything else
+//! the next time a batch is loaded. An answer that puts events back to pending is applied first
+//! (they must go before anything cut after them, R2).
 
 use std::time::Duration;
 
@@ -47,6 +52,12 @@ pub enum Input {
     BatchLoaded(Option<Batch>),
     /// The server answered the upload.
     Answered(BatchResult),
+    /// The server answered the upload, and the next batch was cut ahead meanwhile.
+    AnsweredWithNext(BatchResult, Batch),
+    /// The result was applied while the next batch was uploaded (after
+    /// [`Command::ApplyResultBeside`]); this is that upload's outcome (`Answered…`,
+    /// `TransportFailed` or `Refused`).
+    AppliedBeside(Box<Input>),
     /// The upload failed in a retryable way (connection, timeout, 5xx).
     TransportFailed(String),
     /// The server refused the request as a whole.
@@ -74,6 +85,15 @@ pub enum Command {
     Sleep(Duration),
     /// Apply this result locally, then report [`Input::ResultApplied`].
     ApplyResult(BatchResult),
+    /// Store this result durably, then apply it while uploading `next` (its first attempt,
+    /// cutting the batch after it once the result is applied), and report
+    /// [`Input::AppliedBeside`] with the upload's outcome.
+    ApplyResultBeside {
+        /// The answer to the batch just uploaded.
+        result: BatchResult,
+        /// The batch cut ahead, to upload now.
+        next: Batch,
+    },
     /// Done: nothing left to send.
     Finished(SendReport),
     /// Stopped with an error; what was not sent stays in the log (an in-flight batch is re-sent
@@ -111,9 +131,19 @@ pub struct Progress {
 enum State {
     Idle,
     Loading,
-    Uploading { batch: Batch, failures: u32 },
-    Sleeping { batch: Batch, failures: u32 },
+    Uploading {
+        batch: Batch,
+        failures: u32,
+    },
+    Sleeping {
+        batch: Batch,
+        failures: u32,
+    },
     Applying,
+    /// Applying a result while `next` is uploaded.
+    ApplyingBeside {
+        next: Batch,
+    },
     Done,
 }
 
@@ -171,33 +201,9 @@ impl SendMachine {
                 self.state = State::Uploading { batch: batch.clone(), failures: 0 };
                 Command::Upload { batch, cut_ahead: true }
             }
-            (State::Uploading { batch, .. }, Input::Answered(result)) => {
-                if result.batch_seq != batch.batch_seq {
-                    return self.fail(Error::ResultMismatch(format!(
-                        "sent batch {}, the answer is for batch {}",
-                        batch.batch_seq, result.batch_seq
-                    )));
-                }
-                if result.outcomes.len() != batch.events.len()
-                    || result.outcomes.iter().zip(&batch.events).any(|(o, e)| o.seq != e.seq)
-                {
-                    return self.fail(Error::ResultMismatch(format!(
-                        "batch {} has {} events, the answer has {} outcomes that do not match them",
-                        batch.batch_seq,
-                        batch.events.len(),
-                        result.outcomes.len()
-                    )));
-                }
-                for o in &result.outcomes {
-                    match o.outcome {
-                        Outcome::Applied => self.report.events_applied += 1,
-                        Outcome::Failed(_) => self.report.events_failed += 1,
-                        Outcome::NotApplied => self.report.events_not_applied += 1,
-                    }
-                }
-                self.progress.events_sent += result.outcomes.len() as u64;
-                self.state = State::Applying;
-                Command::ApplyResult(result)
+            (State::Uploading { batch, .. }, Input::Answered(result)) => self.answered(&batch, result, None),
+            (State::Uploading { batch, .. }, Input::AnsweredWithNext(result, next)) => {
+                self.answered(&batch, result, Some(next))
             }
             (State::Uploading { batch, failures }, Input::TransportFailed(reason)) => {
                 self.retry_or_fail(batch, failures + 1, reason)
@@ -215,14 +221,64 @@ impl SendMachine {
                 Command::Upload { batch, cut_ahead: false }
             }
             (State::Applying, Input::ResultApplied) => {
-                self.report.batches += 1;
-                self.progress.batches_sent += 1;
-                self.progress.batches_total = self.progress.batches_total.max(self.progress.batches_sent);
-                self.progress.events_total = self.progress.events_total.max(self.progress.events_sent);
+                self.batch_done();
                 self.state = State::Loading;
                 Command::LoadNextBatch
             }
+            (State::ApplyingBeside { next }, Input::AppliedBeside(answer)) => {
+                self.batch_done();
+                // The upload of `next` was its first attempt: its outcome is handled as usual.
+                self.state = State::Uploading { batch: next, failures: 0 };
+                self.step(*answer)
+            }
             (state, input) => self.fail(Error::InvalidState(format!("unexpected {input:?} in state {state:?}"))),
+        }
+    }
+
+    fn batch_done(&mut self) {
+        self.report.batches += 1;
+        self.progress.batches_sent += 1;
+        self.progress.batches_total = self.progress.batches_total.max(self.progress.batches_sent);
+        self.progress.events_total = self.progress.events_total.max(self.progress.events_sent);
+    }
+
+    /// Checks the answer to `batch` and decides how to apply it: beside the upload of `next` when
+    /// a batch was cut ahead and the answer puts no event back to pending, else on its own.
+    fn answered(&mut self, batch: &Batch, result: BatchResult, next: Option<Batch>) -> Command {
+        if result.batch_seq != batch.batch_seq {
+            return self.fail(Error::ResultMismatch(format!(
+                "sent batch {}, the answer is for batch {}",
+                batch.batch_seq, result.batch_seq
+            )));
+        }
+        if result.outcomes.len() != batch.events.len()
+            || result.outcomes.iter().zip(&batch.events).any(|(o, e)| o.seq != e.seq)
+        {
+            return self.fail(Error::ResultMismatch(format!(
+                "batch {} has {} events, the answer has {} outcomes that do not match them",
+                batch.batch_seq,
+                batch.events.len(),
+                result.outcomes.len()
+            )));
+        }
+        for o in &result.outcomes {
+            match o.outcome {
+                Outcome::Applied => self.report.events_applied += 1,
+                Outcome::Failed(_) => self.report.events_failed += 1,
+                Outcome::NotApplied => self.report.events_not_applied += 1,
+            }
+        }
+        self.progress.events_sent += result.outcomes.len() as u64;
+        let pending_again = result.outcomes.iter().any(|o| o.outcome == Outcome::NotApplied);
+        match next {
+            Some(next) if !pending_again => {
+                self.state = State::ApplyingBeside { next: next.clone() };
+                Command::ApplyResultBeside { result, next }
+            }
+            _ => {
+                self.state = State::Applying;
+                Command::ApplyResult(result)
+            }
         }
     }
 
@@ -293,6 +349,51 @@ mod tests {
         assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
         let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
         assert_eq!(report, SendReport { batches: 2, events_applied: 3, events_failed: 0, events_not_applied: 0 });
+    }
+
+    #[test]
+    fn an_answer_is_applied_beside_the_upload_of_the_batch_cut_ahead() {
+        let mut m = machine(6);
+        m.start();
+        let (b1, b2, b3) = (batch(1, &[1]), batch(2, &[2]), batch(3, &[3]));
+        m.step(Input::BatchLoaded(Some(b1.clone())));
+        let Command::ApplyResultBeside { result: r1, next } = m.step(Input::AnsweredWithNext(result(&b1), b2.clone()))
+        else {
+            panic!()
+        };
+        assert_eq!((r1.batch_seq, next), (1, b2.clone()));
+        // The upload of batch 2 failed meanwhile: batch 1 is done, batch 2 is retried as usual.
+        let Command::Sleep(_) = m.step(Input::AppliedBeside(Box::new(Input::TransportFailed("reset".into())))) else {
+            panic!()
+        };
+        assert_eq!(m.report().batches, 1);
+        let Command::Upload { batch: again, cut_ahead: false } = m.step(Input::Slept) else { panic!() };
+        assert_eq!(again, b2);
+        let Command::ApplyResultBeside { next, .. } = m.step(Input::AnsweredWithNext(result(&b2), b3.clone())) else {
+            panic!()
+        };
+        assert_eq!(next, b3);
+        // Batch 3's answer came back beside batch 2's apply, with nothing cut after it.
+        let Command::ApplyResult(r) = m.step(Input::AppliedBeside(Box::new(Input::Answered(result(&b3))))) else {
+            panic!()
+        };
+        assert_eq!(r.batch_seq, 3);
+        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
+        let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
+        assert_eq!((report.batches, report.events_applied), (3, 3));
+    }
+
+    #[test]
+    fn an_answer_putting_events_back_to_pending_is_applied_before_the_batch_cut_ahead_goes() {
+        let mut m = machine(6);
+        m.start();
+        let (b1, b2) = (batch(1, &[1, 2]), batch(2, &[3]));
+        m.step(Input::BatchLoaded(Some(b1.clone())));
+        let mut r = result(&b1);
+        r.outcomes[1].outcome = Outcome::NotApplied;
+        // Applied on its own: the driver's apply drops the batch cut ahead, loading cuts again.
+        assert!(matches!(m.step(Input::AnsweredWithNext(r, b2)), Command::ApplyResult(_)));
+        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
     }
 
     #[test]
