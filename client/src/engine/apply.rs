@@ -143,36 +143,32 @@ pub fn apply_remaps(conn: &Connection, schema: &Schema, remaps: &[KeyRemap]) -> 
     for (table, _) in tables {
         let (t, k, name) = (quote(&table.name), quote(&table.primary_key[0]), &table.name);
         let key_col = &table.primary_key[0];
-        conn.execute(
-            &format!("UPDATE {t} SET {k} = r.real FROM temp.ferry_remap r WHERE r.tbl = ?1 AND {t}.{k} = r.temp"),
-            [name],
-        )?;
-        conn.execute(
-            &format!(
-                "UPDATE ferry_log SET pk = json_array(r.real),
+        conn.prepare_cached(&format!(
+            "UPDATE {t} SET {k} = r.real FROM temp.ferry_remap r WHERE r.tbl = ?1 AND {t}.{k} = r.temp"
+        ))?
+        .execute([name])?;
+        conn.prepare_cached(&format!(
+            "UPDATE ferry_log SET pk = json_array(r.real),
                    new_row = CASE WHEN new_row IS NULL THEN NULL ELSE json_set(new_row, '$.{key_col}', r.real) END
                  FROM temp.ferry_remap r
                  WHERE ferry_log.tbl = ?1 AND r.tbl = ?1 AND ferry_log.pk = json_array(r.temp)"
-            ),
-            [name],
-        )?;
-        conn.execute(
+        ))?
+        .execute([name])?;
+        conn.prepare_cached(
             "UPDATE ferry_versions SET pk = json_array(r.real) FROM temp.ferry_remap r
              WHERE ferry_versions.tbl = ?1 AND r.tbl = ?1 AND ferry_versions.pk = json_array(r.temp)",
-            [name],
-        )?;
+        )?
+        .execute([name])?;
         for child in &schema.tables {
             for fk in child.foreign_keys.iter().filter(|f| &f.references == name) {
                 let path = format!("$.{}", fk.column);
                 for field in ["new_row", "previous"] {
-                    conn.execute(
-                        &format!(
-                            "UPDATE ferry_log SET {field} = json_set({field}, ?1, r.real) FROM temp.ferry_remap r
+                    conn.prepare_cached(&format!(
+                        "UPDATE ferry_log SET {field} = json_set({field}, ?1, r.real) FROM temp.ferry_remap r
                              WHERE ferry_log.tbl = ?2 AND r.tbl = ?3 AND ferry_log.{field} IS NOT NULL
                                AND json_extract(ferry_log.{field}, ?1) = r.temp"
-                        ),
-                        params![path, child.name, name],
-                    )?;
+                    ))?
+                    .execute(params![path, child.name, name])?;
                 }
             }
         }
