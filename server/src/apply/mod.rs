@@ -107,12 +107,12 @@ pub async fn apply_batch<T: ApplyTx>(
         pending: None,
         held_refused: false,
     };
-    let events = std::mem::take(&mut batch.events);
+    let mut events = std::mem::take(&mut batch.events);
     let mut outcomes = Vec::with_capacity(events.len());
     let mut aborted = false;
     // Events of one local transaction are consecutive (the device's transactions are serial and
     // the batcher never splits one): each run of equal `tx` applies all or nothing.
-    for group in events.chunk_by(|a, b| a.tx == b.tx) {
+    for group in events.chunk_by_mut(|a, b| a.tx == b.tx) {
         let group_outcomes = if aborted {
             vec![Outcome::NotApplied; group.len()]
         } else if let Err(reason) = &compatible {
@@ -265,21 +265,18 @@ impl<'a> Run<'a> {
         &mut self,
         tx: &mut T,
         ctx: &BatchContext,
-        group: &[Event],
+        group: &mut [Event],
         hooks: &dyn Hooks,
     ) -> Result<(Vec<Outcome>, bool), StoreError> {
-        // Hooks see every event once, before any of them is applied.
-        let mut events = Vec::with_capacity(group.len());
+        // Hooks see every event once, before any of them is applied (and may change it in place).
         let mut rejected = None;
-        for event in group {
-            let mut event = event.clone();
-            if let EventVerdict::Reject(message) = hooks.before_event(ctx, &mut event) {
-                rejected = Some((events.len(), failure(FailureCode::Validation, message)));
-                events.push(event);
+        for (index, event) in group.iter_mut().enumerate() {
+            if let EventVerdict::Reject(message) = hooks.before_event(ctx, event) {
+                rejected = Some((index, failure(FailureCode::Validation, message)));
                 break;
             }
-            events.push(event);
         }
+        let events: &[Event] = group;
         // A one-event transaction needs no savepoint beyond the event's own.
         let grouped = group.len() > 1;
         let mark = self.state.mark();
@@ -290,12 +287,12 @@ impl<'a> Run<'a> {
                 if grouped {
                     tx.savepoint(Savepoint::LocalTransaction).await?;
                 }
-                let mut run = self.apply_events(tx, &events, grouped).await?;
+                let mut run = self.apply_events(tx, events, grouped).await?;
                 if let GroupRun::HeldWriteRefused = run {
                     tx.rollback_to_savepoint(Savepoint::LocalTransaction).await?;
                     self.state.reset(mark);
                     tx.savepoint(Savepoint::LocalTransaction).await?;
-                    run = self.apply_events(tx, &events, false).await?;
+                    run = self.apply_events(tx, events, false).await?;
                 }
                 run
             }
@@ -305,7 +302,7 @@ impl<'a> Run<'a> {
                 if grouped {
                     tx.release_savepoint(Savepoint::LocalTransaction).await?;
                 }
-                for event in &events {
+                for event in events {
                     hooks.after_event(ctx, event);
                 }
                 Ok((vec![Outcome::Applied; group.len()], false))
@@ -383,10 +380,10 @@ impl<'a> Run<'a> {
     /// Writes the pending inserts with as few statements as possible, then records what each
     /// produced: the key remap of a temporary key, the row image and the apply-log entry.
     async fn write_pending<T: ApplyTx>(&mut self, tx: &mut T) -> Result<(), WriteError> {
-        let Some(pending) = self.pending.take() else { return Ok(()) };
+        let Some(mut pending) = self.pending.take() else { return Ok(()) };
         let table = pending.table;
-        let rows = pending.rows.iter().map(|r| r.values.clone()).collect();
-        let keys = tx.insert_rows(table, &pending.columns, rows).await?;
+        let rows: Vec<Vec<Value>> = pending.rows.iter_mut().map(|r| std::mem::take(&mut r.values)).collect();
+        let keys = tx.insert_rows(table, &pending.columns, &rows).await?;
         for (row, key) in pending.rows.iter().zip(&keys) {
             if let (Some(temp), Some(real)) = (row.temporary, key.0.first().and_then(Value::as_integer)) {
                 self.state.assigned.insert((table.name.clone(), temp), real);
@@ -397,9 +394,9 @@ impl<'a> Run<'a> {
             }
         }
         let images = tx.read_rows(table, &keys).await?;
-        for ((row, key), image) in pending.rows.iter().zip(keys).zip(images) {
+        for (((row, sent), key), image) in pending.rows.iter().zip(&rows).zip(keys).zip(images) {
             if let Some((values, version)) = image {
-                let values = computed_by_server(table, row, values);
+                let values = computed_by_server(table, row, sent, values);
                 self.state.images.push(RowImage { table: table.name.clone(), key, version, values });
             }
             let applied = AppliedEvent { seq: row.seq, table: table.name.clone(), op: Op::Insert.as_str() };
@@ -826,7 +823,7 @@ impl<'a> PendingRow<'a> {
 /// device sent (defaults, values set by triggers, translated keys, normalized values). The
 /// device already holds the rest, and the key travels in the image's `key`, so a plain insert's
 /// image is just its key and version (R7 without echoing every value back).
-fn computed_by_server(table: &Table, sent: &PendingRow<'_>, mut stored: Row) -> Row {
+fn computed_by_server(table: &Table, sent: &PendingRow<'_>, sent_values: &[Value], mut stored: Row) -> Row {
     stored.retain(|column, value| {
         if table.primary_key.contains(column) {
             return false;
@@ -835,7 +832,7 @@ fn computed_by_server(table: &Table, sent: &PendingRow<'_>, mut stored: Row) -> 
             return true;
         }
         match sent.columns.iter().position(|c| &c.name == column) {
-            Some(i) => sent.values.get(i) != Some(value),
+            Some(i) => sent_values.get(i) != Some(value),
             None => true,
         }
     });

@@ -126,7 +126,7 @@ pub trait ApplyTx: Send {
         &mut self,
         table: &Table,
         columns: &[&Column],
-        rows: Vec<Vec<Value>>,
+        rows: &[Vec<Value>],
     ) -> impl Future<Output = Result<Vec<Key>, WriteError>> + Send;
     /// Updates columns of the row with `key`; returns the number of rows changed (0 or 1).
     fn update(
@@ -308,7 +308,14 @@ pub(crate) fn keys_in_row_order(
 pub(crate) fn rows_in_key_order(table: &Table, keys: &[Key], found: Vec<(Row, u64)>) -> Vec<Option<(Row, u64)>> {
     let key_of =
         |row: &Row| Key(table.primary_key.iter().map(|k| row.get(k).cloned().unwrap_or(Value::Null)).collect());
-    let by_key: std::collections::HashMap<String, (Row, u64)> =
+    let mut by_key: std::collections::HashMap<String, (Row, u64)> =
         found.into_iter().map(|(row, version)| (key_of(&row).to_string(), (row, version))).collect();
-    keys.iter().map(|key| by_key.get(&key.to_string()).cloned()).collect()
+    let texts: Vec<String> = keys.iter().map(Key::to_string).collect();
+    // Each row moves to its key's last position; a key asked for more than once gets copies.
+    let last: std::collections::HashMap<&str, usize> = texts.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| if last.get(t.as_str()) == Some(&i) { by_key.remove(t) } else { by_key.get(t).cloned() })
+        .collect()
 }

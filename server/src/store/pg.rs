@@ -428,7 +428,7 @@ impl ApplyTx for PgApplyTx {
         &mut self,
         table: &Table,
         columns: &[&Column],
-        rows: Vec<Vec<Value>>,
+        rows: &[Vec<Value>],
     ) -> Result<Vec<Key>, WriteError> {
         let sql = if columns.is_empty() { SQL.insert(table, columns, 1) } else { unnest_insert(table, columns) };
         let statements: Vec<PgQuery<'_>> = if columns.is_empty() {
@@ -452,7 +452,7 @@ impl ApplyTx for PgApplyTx {
                 returned.push(Key(key));
             }
         }
-        Ok(keys_in_row_order(table, columns, &rows, returned)?)
+        Ok(keys_in_row_order(table, columns, rows, returned)?)
     }
 
     async fn update(&mut self, table: &Table, key: &Key, values: &[(&Column, Value)]) -> Result<u64, WriteError> {

@@ -417,7 +417,7 @@ impl ApplyTx for SqliteApplyTx {
         &mut self,
         table: &Table,
         columns: &[&Column],
-        rows: Vec<Vec<Value>>,
+        rows: &[Vec<Value>],
     ) -> Result<Vec<Key>, WriteError> {
         let key_types: Vec<ColumnType> = table
             .primary_key
@@ -449,7 +449,7 @@ impl ApplyTx for SqliteApplyTx {
                 returned.push(Key(key));
             }
         }
-        Ok(keys_in_row_order(table, columns, &rows, returned)?)
+        Ok(keys_in_row_order(table, columns, rows, returned)?)
     }
 
     async fn update(&mut self, table: &Table, key: &Key, values: &[(&Column, Value)]) -> Result<u64, WriteError> {
