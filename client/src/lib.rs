@@ -333,22 +333,43 @@ impl Client {
         db::log::cut_ahead(&mut conn, &schema, &self.config.batch_limits, &db::log::BatchRows::of(current))
     }
 
-    /// Runs `work` on the database on a blocking thread, so that it runs while an upload is on
-    /// the wire whatever the runtime (on the upload's own thread, the request would wait for it).
+    /// Runs `work` on the database on a blocking thread, so that it runs while a request is on
+    /// the wire whatever the runtime (on the request's own thread, the request would wait for it).
     async fn beside_upload<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection, &Schema) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.in_background(move |conn| {
+            let schema = db::stored_schema(conn)?.ok_or(Error::NoSchema)?;
+            work(conn, &schema)
+        })
+        .await
+    }
+
+    /// [`Client::beside_upload`] without the schema.
+    async fn in_background<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let conn = self.conn.clone();
         let done = tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            let schema = db::stored_schema(&conn)?.ok_or(Error::NoSchema)?;
-            work(&mut conn, &schema)
+            work(&mut conn)
         });
         match done.await {
             Ok(done) => done,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(Error::InvalidState(format!("local work beside an upload was stopped: {e}"))),
+            Err(e) => Err(Error::InvalidState(format!("local work beside a request was stopped: {e}"))),
+        }
+    }
+
+    /// Fetches the page at `cursor`, as the receive machine takes the outcome.
+    async fn fetch_input(&self, cursor: &Cursor) -> engine::receive::Input {
+        use engine::receive::Input as Ri;
+        match self.transport.fetch_page(cursor, self.config.page_limit).await {
+            Ok((page, bytes)) => Ri::PageArrived { page, bytes },
+            Err(UploadError::Refused(body)) => Ri::Refused(body),
+            Err(UploadError::Transport(reason)) => Ri::TransportFailed(reason),
         }
     }
 
@@ -529,13 +550,22 @@ impl Client {
         use engine::receive::{Command as Rc, Input as Ri};
         loop {
             command = match command {
-                Rc::Fetch { cursor } => {
-                    let input = match self.transport.fetch_page(&cursor, self.config.page_limit).await {
-                        Ok((page, bytes)) => Ri::PageArrived { page, bytes },
-                        Err(UploadError::Refused(body)) => Ri::Refused(body),
-                        Err(UploadError::Transport(reason)) => Ri::TransportFailed(reason),
+                Rc::Fetch { cursor } => machine.step(self.fetch_input(&cursor).await),
+                Rc::StageAndFetch { page, next } => {
+                    // The page is staged on a blocking thread, so the next page's request goes
+                    // out meanwhile and the server works on it while the device stages.
+                    let staged_progress = machine.progress();
+                    let stage = async {
+                        self.in_background(move |conn| db::receive::stage_page(conn, &page)).await?;
+                        // Progress is reported once the page is staged, not when the next arrives.
+                        if let Some(cb) = progress {
+                            cb(staged_progress);
+                        }
+                        Ok::<_, Error>(())
                     };
-                    machine.step(input)
+                    let (staged, fetched) = tokio::join!(stage, self.fetch_input(&next));
+                    staged?;
+                    machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }
                 Rc::Stage(page) => {
                     db::receive::stage_page(&mut self.lock(), &page)?;

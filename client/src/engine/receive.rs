@@ -2,8 +2,8 @@
 //! driver (`Client::receive`) performs its commands and feeds back what happened.
 //!
 //! Pages are fetched one at a time; each page is staged durably (together with the cursor of the
-//! next page) before the next one is asked for, so an interrupted receive resumes after the last
-//! complete page. When the last page is staged, everything staged is applied in one local
+//! next page) while the next one is fetched, so an interrupted receive resumes after the last
+//! complete page, and the device's staging overlaps the server's work on the next page. When the last page is staged, everything staged is applied in one local
 //! transaction. A transport failure re-asks the same page after a backoff; `cursor_expired`
 //! restarts the receive in full from the empty cursor (once).
 
@@ -47,6 +47,10 @@ pub enum Input {
     Slept,
     /// The page was staged durably, with its `next` cursor.
     Staged,
+    /// The page was staged durably while the next one was fetched (after
+    /// [`Command::StageAndFetch`]); this is the fetch's outcome (`PageArrived`, `TransportFailed`
+    /// or `Refused`).
+    StagedBeside(Box<Input>),
     /// Staged pages were dropped and the cursor reset to empty (after [`Command::Restart`]).
     Restarted,
     /// Everything staged was applied and the new cursor stored.
@@ -61,9 +65,16 @@ pub enum Command {
         /// The cursor to send (empty: full receive).
         cursor: Cursor,
     },
-    /// Stage this page durably (with `page.next` as the cursor to resume from), then report
-    /// [`Input::Staged`].
+    /// Stage this last page durably, then report [`Input::Staged`].
     Stage(ChangePage),
+    /// Stage this page durably (with `page.next` as the cursor to resume from) and meanwhile
+    /// fetch the page at `next`, then report [`Input::StagedBeside`] with the fetch's outcome.
+    StageAndFetch {
+        /// The page to stage.
+        page: ChangePage,
+        /// The cursor of the page to fetch meanwhile (`page.next`).
+        next: Cursor,
+    },
     /// Apply every staged page in one local transaction, then report [`Input::Applied`].
     ApplyStaged,
     /// Wait, then report [`Input::Slept`].
@@ -112,9 +123,20 @@ pub struct ReceiveProgress {
 #[derive(Debug)]
 enum State {
     Idle,
-    Fetching { cursor: Cursor, failures: u32 },
-    Sleeping { cursor: Cursor, failures: u32 },
-    Staging { last: bool, next: Cursor },
+    Fetching {
+        cursor: Cursor,
+        failures: u32,
+    },
+    Sleeping {
+        cursor: Cursor,
+        failures: u32,
+    },
+    /// Staging the last page.
+    Staging,
+    /// Staging a page while the one at `next` is fetched.
+    StagingBeside {
+        next: Cursor,
+    },
     Restarting,
     Applying,
     Done,
@@ -196,8 +218,13 @@ impl ReceiveMachine {
                 self.progress.pages += 1;
                 self.progress.rows_received += rows;
                 self.progress.rows_total = self.progress.rows_total.max(self.progress.rows_received);
-                self.state = State::Staging { last: page.last, next: page.next.clone() };
-                Command::Stage(page)
+                if page.last {
+                    self.state = State::Staging;
+                    return Command::Stage(page);
+                }
+                let next = page.next.clone();
+                self.state = State::StagingBeside { next: next.clone() };
+                Command::StageAndFetch { page, next }
             }
             (State::Fetching { cursor, failures }, Input::TransportFailed(reason)) => {
                 self.retry_or_fail(cursor, failures + 1, reason)
@@ -221,13 +248,15 @@ impl ReceiveMachine {
                 self.report.full = true;
                 self.fetch(Cursor::start(), 0)
             }
-            (State::Staging { last: true, .. }, Input::Staged) => {
+            (State::Staging, Input::Staged) => {
                 self.state = State::Applying;
                 Command::ApplyStaged
             }
-            (State::Staging { last: false, next }, Input::Staged) => {
+            (State::StagingBeside { next }, Input::StagedBeside(fetched)) => {
+                // The fetch was the next page's first attempt: its outcome is handled as usual.
                 self.cursor = next.clone();
-                self.fetch(next, 0)
+                self.state = State::Fetching { cursor: next, failures: 0 };
+                self.step(*fetched)
             }
             (State::Applying, Input::Applied(stats)) => {
                 self.report.pages_applied = stats.pages;
@@ -290,14 +319,17 @@ mod tests {
         let mut m = machine("c0");
         assert_eq!(fetched(m.start()), "c0");
         let p1 = page("c1", false, false, 2);
-        let Command::Stage(staged) = m.step(Input::PageArrived { page: p1.clone(), bytes: 50 }) else { panic!() };
-        assert_eq!(staged, p1);
-        assert_eq!(fetched(m.step(Input::Staged)), "c1", "the next page is asked with the page's next cursor");
+        let Command::StageAndFetch { page: staged, next } = m.step(Input::PageArrived { page: p1.clone(), bytes: 50 })
+        else {
+            panic!()
+        };
+        assert_eq!((staged, next.0.as_str()), (p1, "c1"), "the next page is asked with the page's next cursor");
         assert_eq!(m.progress(), ReceiveProgress { rows_received: 3, rows_total: 10, pages: 1 });
-        assert!(matches!(
-            m.step(Input::PageArrived { page: page("c2", true, false, 1), bytes: 30 }),
-            Command::Stage(_)
-        ));
+        let p2 = Input::PageArrived { page: page("c2", true, false, 1), bytes: 30 };
+        assert!(
+            matches!(m.step(Input::StagedBeside(Box::new(p2))), Command::Stage(_)),
+            "the last page is staged alone"
+        );
         assert!(matches!(m.step(Input::Staged), Command::ApplyStaged));
         let stats = ApplyStats { rows_upserted: 3, rows_removed: 2, rows_skipped: 0, pages: 2, full: false };
         let Command::Finished(r) = m.step(Input::Applied(stats)) else { panic!() };
@@ -321,8 +353,10 @@ mod tests {
         let mut m = machine("c0");
         m.start();
         m.step(Input::PageArrived { page: page("c1", false, false, 1), bytes: 1 });
-        assert_eq!(fetched(m.step(Input::Staged)), "c1");
-        let Command::Sleep(d) = m.step(Input::TransportFailed("reset".into())) else { panic!() };
+        // The fetch beside the staging failed: it is asked again after a backoff.
+        let Command::Sleep(d) = m.step(Input::StagedBeside(Box::new(Input::TransportFailed("reset".into())))) else {
+            panic!()
+        };
         assert_eq!(d, Duration::from_millis(100));
         assert_eq!(fetched(m.step(Input::Slept)), "c1", "a retry asks for the same page");
         let Command::Sleep(d) = m.step(Input::Refused(ErrorBody::new(ErrorCode::RequestTimeout, "slow"))) else {
@@ -345,8 +379,9 @@ mod tests {
             m.step(Input::Slept);
         }
         m.step(Input::PageArrived { page: page("c1", false, false, 1), bytes: 1 });
-        m.step(Input::Staged);
-        for _ in 0..2 {
+        assert!(matches!(m.step(Input::StagedBeside(Box::new(Input::TransportFailed("x".into())))), Command::Sleep(_)));
+        m.step(Input::Slept);
+        for _ in 0..1 {
             assert!(matches!(m.step(Input::TransportFailed("x".into())), Command::Sleep(_)));
             m.step(Input::Slept);
         }

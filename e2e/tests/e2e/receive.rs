@@ -3,7 +3,7 @@
 //! fault-injecting [`Proxy`]. The server's database is written directly — as an operator or
 //! another system would — to create the changes devices must receive.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ferry_client::ferry_protocol::FailureCode;
 use ferry_client::{Client, Error, EventStatus, ReceiveReport};
@@ -234,17 +234,23 @@ backend_tests! {
             ..site.config(&proxy.url(), "alice")
         };
 
-        // Reference: an uninterrupted receive, noting where each page's response ends on the wire.
-        let reference = site.device_with("ref", config(3));
-        let ends = Arc::new(Mutex::new(Vec::new()));
+        // Reference: where each page's response ends on the wire, asking the pages one by one as a
+        // receive does (a receive stages a page while it fetches the next, so its progress
+        // callbacks do not line up with the responses), then an uninterrupted receive.
+        let transport = ferry_client::transport::Transport::new(proxy.url(), config(3).token).unwrap();
+        let mut ends = Vec::new();
         let start = proxy.response_bytes();
-        let sink = ends.clone();
-        let p = &proxy;
-        let full = reference
-            .receive_with_progress(move |_| sink.lock().unwrap().push(p.response_bytes() - start))
-            .await
-            .unwrap();
-        let ends = ends.lock().unwrap().clone();
+        let mut cursor = ferry_client::ferry_protocol::Cursor::start();
+        loop {
+            let (page, _) = transport.fetch_page(&cursor, 20).await.unwrap();
+            ends.push(proxy.response_bytes() - start);
+            if page.last {
+                break;
+            }
+            cursor = page.next;
+        }
+        let reference = site.device_with("ref", config(3));
+        let full = reference.receive().await.unwrap();
         let n = full.pages;
         assert_eq!(ends.len() as u64, n);
         assert!(n >= 10, "200 rows at 20 a page: {full:?}");
