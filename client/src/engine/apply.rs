@@ -147,18 +147,25 @@ pub fn apply_remaps(conn: &Connection, schema: &Schema, remaps: &[KeyRemap]) -> 
             "UPDATE {t} SET {k} = r.real FROM temp.ferry_remap r WHERE r.tbl = ?1 AND {t}.{k} = r.temp"
         ))?
         .execute([name])?;
-        conn.prepare_cached(&format!(
-            "UPDATE ferry_log SET pk = json_array(r.real),
+        // Only entries keyed by a temporary key (`[-…]`) can match; usually there are none (the
+        // batch's own events just left the log), and one index probe says so.
+        let temp_keyed = |sql: &str| -> Result<bool> { Ok(conn.prepare_cached(sql)?.query_row([name], |r| r.get(0))?) };
+        if temp_keyed("SELECT EXISTS(SELECT 1 FROM ferry_log WHERE tbl = ?1 AND pk >= '[-' AND pk < '[.')")? {
+            conn.prepare_cached(&format!(
+                "UPDATE ferry_log SET pk = json_array(r.real),
                    new_row = CASE WHEN new_row IS NULL THEN NULL ELSE json_set(new_row, '$.{key_col}', r.real) END
                  FROM temp.ferry_remap r
                  WHERE ferry_log.tbl = ?1 AND r.tbl = ?1 AND ferry_log.pk = json_array(r.temp)"
-        ))?
-        .execute([name])?;
-        conn.prepare_cached(
-            "UPDATE ferry_versions SET pk = json_array(r.real) FROM temp.ferry_remap r
-             WHERE ferry_versions.tbl = ?1 AND r.tbl = ?1 AND ferry_versions.pk = json_array(r.temp)",
-        )?
-        .execute([name])?;
+            ))?
+            .execute([name])?;
+        }
+        if temp_keyed("SELECT EXISTS(SELECT 1 FROM ferry_versions WHERE tbl = ?1 AND pk >= '[-' AND pk < '[.')")? {
+            conn.prepare_cached(
+                "UPDATE ferry_versions SET pk = json_array(r.real) FROM temp.ferry_remap r
+                 WHERE ferry_versions.tbl = ?1 AND r.tbl = ?1 AND ferry_versions.pk = json_array(r.temp)",
+            )?
+            .execute([name])?;
+        }
         for child in &schema.tables {
             for fk in child.foreign_keys.iter().filter(|f| &f.references == name) {
                 let path = format!("$.{}", fk.column);
