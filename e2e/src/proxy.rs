@@ -61,6 +61,8 @@ struct Shared {
     faults: AtomicU64,
     response_bytes: AtomicU64,
     request_bytes: AtomicU64,
+    /// Where [`Proxy::cut_responses_at`] cuts, in `response_bytes` (`u64::MAX`: nowhere).
+    response_cut_at: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +88,7 @@ impl Proxy {
             faults: AtomicU64::new(0),
             response_bytes: AtomicU64::new(0),
             request_bytes: AtomicU64::new(0),
+            response_cut_at: AtomicU64::new(u64::MAX),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Proxy { addr, shared, task })
@@ -152,6 +155,14 @@ impl Proxy {
     /// aim a [`Fault::CutResponseAfter`] at a later response of a kept-alive connection.
     pub fn response_bytes(&self) -> u64 {
         self.shared.response_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Cuts, once, whichever connection would forward response byte number `total` (counted
+    /// like [`Proxy::response_bytes`]), as [`Fault::CutResponseAfter`] does: aims a cut at a
+    /// position of a sequence of responses whatever connections carry them (an HTTP client may
+    /// open a new connection when its kept-alive one is not back in its pool yet).
+    pub fn cut_responses_at(&self, total: u64) {
+        self.shared.response_cut_at.store(total, Ordering::SeqCst);
     }
 }
 
@@ -227,8 +238,8 @@ async fn handle(client: TcpStream, fault: Fault, shared: Arc<Shared>) {
     };
     // Either direction ending (EOF, error or a cut) ends the connection: both halves are dropped.
     let ended = tokio::select! {
-        e = pump(client_rd, server_wr, request_limit, Some(&shared.request_bytes)) => e,
-        e = pump(server_rd, client_wr, response_limit, Some(&shared.response_bytes)) => e,
+        e = pump(client_rd, server_wr, request_limit, Some(&shared.request_bytes), None) => e,
+        e = pump(server_rd, client_wr, response_limit, Some(&shared.response_bytes), Some(&shared.response_cut_at)) => e,
     };
     if ended == Ended::Cut {
         fault_hit();
@@ -243,12 +254,14 @@ enum Ended {
 
 /// Copies `from` → `to`; with a limit, forwards at most that many bytes and returns
 /// [`Ended::Cut`] as soon as more would have to be forwarded. Forwarded bytes are added to
-/// `counter`, if any.
+/// `counter`, if any; `cut_at` (a position in `counter`, `u64::MAX` for none) cuts the same way
+/// when the counter reaches it, once.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     limit: Option<usize>,
     counter: Option<&AtomicU64>,
+    cut_at: Option<&AtomicU64>,
 ) -> Ended {
     let mut buf = vec![0u8; 16 * 1024];
     let mut forwarded = 0usize;
@@ -257,7 +270,15 @@ async fn pump(
             Ok(0) | Err(_) => return Ended::Closed,
             Ok(n) => n,
         };
-        let allowed = limit.map_or(n, |l| n.min(l - forwarded));
+        let mut allowed = limit.map_or(n, |l| n.min(l - forwarded));
+        if let (Some(counter), Some(cut_at)) = (counter, cut_at) {
+            let at = cut_at.load(Ordering::SeqCst);
+            let left = at.saturating_sub(counter.load(Ordering::SeqCst));
+            if (left as usize) < allowed {
+                allowed = left as usize;
+                cut_at.store(u64::MAX, Ordering::SeqCst);
+            }
+        }
         if allowed > 0 {
             // Counted before writing, so a reader that has seen the bytes also sees the count.
             if let Some(counter) = counter {
@@ -370,6 +391,17 @@ mod tests {
         settle().await;
         assert_eq!(received.lock().unwrap()[0], b"hello");
         assert_eq!(proxy.stats(), ProxyStats { connections: 1, faults: 1 });
+    }
+
+    #[tokio::test]
+    async fn cuts_at_a_position_of_all_responses_whichever_connection_carries_it() {
+        let (addr, _) = echo().await;
+        let proxy = Proxy::start(addr).await.unwrap();
+        proxy.cut_responses_at(7);
+        assert_eq!(roundtrip(&proxy, b"hello").await, b"hello", "bytes 0..5 pass");
+        assert_eq!(roundtrip(&proxy, b"world").await, b"wo", "a second connection is cut at byte 7");
+        assert_eq!(proxy.stats(), ProxyStats { connections: 2, faults: 1 });
+        assert_eq!(roundtrip(&proxy, b"again").await, b"again", "once");
     }
 
     #[tokio::test]

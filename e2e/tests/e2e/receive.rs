@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ferry_client::ferry_protocol::FailureCode;
 use ferry_client::{Client, Error, EventStatus, ReceiveReport};
 use ferry_e2e::device::{dump, fk_violations, local_i64, local_text};
-use ferry_e2e::{Fault, Proxy, Site};
+use ferry_e2e::{Proxy, Site};
 use ferry_server::backend_tests;
 
 /// Inserts customers `first..first + n` on the server in one statement (captured by the
@@ -259,7 +259,7 @@ backend_tests! {
         // The same receive on another device, its connection cut in the middle of page k + 1.
         let k = 3usize;
         let cut = (ends[k - 1] + ends[k]) / 2;
-        proxy.push_faults([Fault::CutResponseAfter(cut as usize)]);
+        proxy.cut_responses_at(proxy.response_bytes() + cut);
         let dev = site.device_with("d", config(1));
         let err = dev.receive_with_progress(|_| {}).await.unwrap_err();
         assert!(matches!(err, Error::Unreachable { .. } | Error::Transport(_)), "{err:?}");
