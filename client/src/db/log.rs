@@ -432,14 +432,13 @@ fn cut_and_persist(
     let entries = window_for_cut(tx, schema, 0, limits)?;
     // Cuts that consume only checkpoints are skipped; the first cut with events is the batch.
     let mut start = 0;
-    let end = loop {
+    let mut end = loop {
         let cut = crate::engine::batcher::next_batch(&entries[start..], limits);
         if cut.events > 0 || cut.consumed == 0 {
             break start + cut.consumed;
         }
         start += cut.consumed;
     };
-    let mut end = end;
     if let Some(avoid) = avoid {
         if entries[..end].iter().any(|e| matches!(e, LogEntry::Checkpoint(_))) {
             return Ok(None);
