@@ -167,3 +167,31 @@ fn an_answer_stored_before_the_next_upload_is_applied_after_a_crash() {
     assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_inflight"), Some(1));
     assert!(log(&c).iter().all(|e| e.tbl.as_deref() != Some("customer") || e.pk.as_deref() != Some("[-1]")));
 }
+
+#[test]
+fn cutting_a_batch_reads_the_log_only_up_to_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(&dir);
+    insert_customer(&c, "Ada");
+    c.checkpoint().unwrap();
+    insert_customer(&c, "Bob");
+    // A log entry after the first batch's checkpoint that cannot be decoded: cutting the first
+    // batch must not read it (a backlog of many batches costs one batch per cut).
+    rusqlite::Connection::open(dir.path().join("device.db"))
+        .unwrap()
+        .execute("UPDATE ferry_log SET new_row = 'not json' WHERE pk = '[-2]'", [])
+        .unwrap();
+
+    let b1 = c.next_batch().unwrap().unwrap();
+    assert_eq!(b1.events.len(), 1);
+    assert_eq!(b1.events[0].values["name"], text("Ada"));
+    // The next cut does read it, and says the log is corrupt.
+    c.apply_result(&BatchResult {
+        batch_seq: b1.batch_seq,
+        outcomes: vec![applied(b1.events[0].seq)],
+        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(-1), real: Key::int(1000) }],
+        images: vec![],
+    })
+    .unwrap();
+    assert!(matches!(c.next_batch(), Err(ferry_client::Error::Corrupt(_))), "{:?}", c.next_batch());
+}

@@ -155,7 +155,7 @@ fn to_event(schema: &Schema, e: &RawEntry) -> Result<Event> {
 /// The entries `send` may batch, in device order: pending events and checkpoints. Rejected and
 /// in-flight events are skipped (rejected ones stay in the log until retried or discarded).
 pub fn pending_entries(conn: &Connection, schema: &Schema) -> Result<Vec<LogEntry>> {
-    pending_window(conn, schema, 0, i64::MAX)
+    pending_window(conn, schema, 0, i64::MAX, WindowEnd::Limit)
 }
 
 /// How many batches the pending log makes, as successive `send` calls would cut it (the number
@@ -184,7 +184,8 @@ pub fn planned_batches(
 
 /// The pending entries after seq `after`, as many as the next cut needs: a window a little
 /// larger than a batch, grown while the cut reaches its end (a local transaction may continue
-/// past it), so cutting costs the batch's size, not the backlog's.
+/// past it), and ending at the first checkpoint after an event (a batch never crosses one), so
+/// cutting costs the batch's size, not the backlog's.
 fn window_for_cut(
     conn: &Connection,
     schema: &Schema,
@@ -193,7 +194,7 @@ fn window_for_cut(
 ) -> Result<Vec<LogEntry>> {
     let mut window = limits.max_events.saturating_add(1).max(64) as i64;
     loop {
-        let entries = pending_window(conn, schema, after, window)?;
+        let entries = pending_window(conn, schema, after, window, WindowEnd::BatchEnd)?;
         if (entries.len() as i64) < window || cut_fits(&entries, limits) {
             return Ok(entries);
         }
@@ -201,22 +202,39 @@ fn window_for_cut(
     }
 }
 
-/// The first `limit` entries of [`pending_entries`] after seq `after`.
-fn pending_window(conn: &Connection, schema: &Schema, after: i64, limit: i64) -> Result<Vec<LogEntry>> {
+/// Where [`pending_window`] stops reading, besides its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WindowEnd {
+    /// At the limit only.
+    Limit,
+    /// Also just after the first checkpoint that follows an event: the end of the next batch.
+    BatchEnd,
+}
+
+/// The first `limit` entries of [`pending_entries`] after seq `after` (fewer with
+/// [`WindowEnd::BatchEnd`]). Entries are decoded as they are read, so a window that stops early
+/// costs only what it holds.
+fn pending_window(conn: &Connection, schema: &Schema, after: i64, limit: i64, end: WindowEnd) -> Result<Vec<LogEntry>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE seq > ?1 AND (status = 'pending' OR kind = 'checkpoint')
          ORDER BY seq LIMIT ?2"
     ))?;
-    let rows = stmt.query_map([after, limit], raw)?.collect::<Result<Vec<_>, _>>()?;
-    rows.iter()
-        .map(|e| {
-            if e.kind == "checkpoint" {
-                Ok(LogEntry::Checkpoint(Checkpoint { seq: e.seq as u64 }))
-            } else {
-                to_event(schema, e).map(LogEntry::Event)
+    let mut rows = stmt.query([after, limit])?;
+    let mut entries = Vec::new();
+    let mut has_event = false;
+    while let Some(row) = rows.next()? {
+        let e = raw(row)?;
+        if e.kind == "checkpoint" {
+            entries.push(LogEntry::Checkpoint(Checkpoint { seq: e.seq as u64 }));
+            if has_event && end == WindowEnd::BatchEnd {
+                break;
             }
-        })
-        .collect()
+        } else {
+            entries.push(LogEntry::Event(to_event(schema, &e)?));
+            has_event = true;
+        }
+    }
+    Ok(entries)
 }
 
 /// Appends a checkpoint to the log (R3).
