@@ -548,7 +548,8 @@ fn cut_fits(entries: &[LogEntry], limits: &crate::engine::batcher::BatchLimits) 
 /// The first stored in-flight batch whose answer is not stored (the one to upload next), if any.
 pub fn inflight_batch(conn: &Connection) -> Result<Option<ferry_protocol::Batch>> {
     let body: Option<Vec<u8>> = conn
-        .query_row("SELECT body FROM ferry_inflight WHERE result IS NULL ORDER BY batch_seq LIMIT 1", [], |r| r.get(0))
+        .prepare_cached("SELECT body FROM ferry_inflight WHERE result IS NULL ORDER BY batch_seq LIMIT 1")?
+        .query_row([], |r| r.get(0))
         .optional()?;
     body.map(|b| decode_inflight(&b)).transpose()
 }
@@ -570,9 +571,8 @@ pub fn store_result(conn: &Connection, result: &ferry_protocol::BatchResult) -> 
 /// The first stored answer not applied yet (a crash came between storing and applying it).
 pub fn stored_result(conn: &Connection) -> Result<Option<ferry_protocol::BatchResult>> {
     let body: Option<Vec<u8>> = conn
-        .query_row("SELECT result FROM ferry_inflight WHERE result IS NOT NULL ORDER BY batch_seq LIMIT 1", [], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT result FROM ferry_inflight WHERE result IS NOT NULL ORDER BY batch_seq LIMIT 1")?
+        .query_row([], |r| r.get(0))
         .optional()?;
     body.map(|b| postcard::from_bytes(&b).map_err(|e| Error::Corrupt(format!("stored answer: {e}")))).transpose()
 }

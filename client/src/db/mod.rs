@@ -82,6 +82,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     // The sync prepares its statements once and reuses them (a batch cycle alone uses about 20,
     // plus the app's own): room for all of them, so none is compiled again per batch or page.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    stable_plans(&conn)?;
     conn.execute_batch(MIGRATION)?;
     // Databases created before answers were stored beside their batches.
     let has_result: i64 =
@@ -99,6 +100,15 @@ pub fn open(path: &Path) -> Result<Connection> {
         meta_set(&conn, "next_batch_seq", "1")?;
     }
     Ok(conn)
+}
+
+/// Turns on SQLite's query planner stability guarantee on `conn`. Without it SQLite (3.51) plans
+/// with the value bound to a `LIMIT ?` and marks the statement to be compiled again whenever that
+/// parameter is bound anew: every execution of a cached statement with a bound limit (the log
+/// window) would pay a full compile.
+pub fn stable_plans(conn: &Connection) -> Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
 }
 
 /// Reads a `ferry_meta` value.
@@ -154,4 +164,24 @@ pub fn set_applying(conn: &Connection, on: bool) -> Result<()> {
 /// digits and `_`), so this never needs escaping; doubling quotes keeps it safe regardless.
 pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rusqlite::StatementStatus;
+
+    /// A cached statement with a bound `LIMIT` runs again without being compiled again.
+    #[test]
+    fn a_bound_limit_does_not_recompile_a_cached_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::open(&dir.path().join("device.db")).unwrap();
+        let sql = "SELECT seq FROM ferry_log WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+        for limit in [10, 20, 30] {
+            let mut stmt = conn.prepare_cached(sql).unwrap();
+            stmt.query_map([0, limit], |r| r.get::<_, i64>(0)).unwrap().for_each(drop);
+        }
+        assert_eq!(conn.prepare_cached(sql).unwrap().get_status(StatementStatus::RePrepare), 0);
+    }
 }

@@ -32,6 +32,14 @@ pub struct SqliteStore {
 /// channel, a thread wake-up per row; for a page of thousands of rows that costs more than
 /// reading them. A page is read here in one go instead. WAL mode lets these readers run beside
 /// the writer; each query sees one committed snapshot.
+/// Turns on SQLite's query planner stability guarantee: without it SQLite (3.51) plans with the
+/// value bound to a `LIMIT ?` and compiles the statement again whenever that parameter is bound
+/// anew, so every feed page (`LIMIT ?n`) would pay a full compile of its query.
+fn stable_plans(conn: &rusqlite::Connection) -> Result<(), StoreError> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
+}
+
 #[derive(Debug)]
 struct Readers {
     path: PathBuf,
@@ -46,6 +54,7 @@ impl Readers {
         let conn = rusqlite::Connection::open(&self.path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "query_only", true)?;
+        stable_plans(&conn)?;
         Ok(conn)
     }
 
@@ -236,6 +245,7 @@ impl Writer {
                 conn.pragma_update(None, "foreign_keys", true)?;
                 conn.pragma_update(None, "synchronous", "NORMAL")?;
                 conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
+                stable_plans(&conn)?;
                 conn
             }
         };
@@ -620,5 +630,28 @@ impl super::FeedBackend for SqliteStore {
     async fn feed_count(&self, sql: String, params: Vec<Param>) -> Result<i64, StoreError> {
         let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&self.pool).await?;
         Ok(row.try_get(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rusqlite::StatementStatus;
+
+    /// Feed pages bind their `LIMIT`: a cached page query runs again without being compiled again.
+    #[test]
+    fn a_bound_limit_does_not_recompile_a_cached_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("server.db")).unwrap();
+        super::stable_plans(&conn).unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1), (2), (3);").unwrap();
+        let sql = "SELECT id FROM t WHERE id > ?1 ORDER BY id LIMIT ?2";
+        for limit in [1, 2, 3] {
+            let mut stmt = conn.prepare_cached(sql).unwrap();
+            let ids: Vec<i64> = stmt.query_map([0, limit], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+            assert_eq!(ids.len(), limit as usize);
+        }
+        assert_eq!(conn.prepare_cached(sql).unwrap().get_status(StatementStatus::RePrepare), 0);
     }
 }
