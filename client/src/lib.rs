@@ -295,6 +295,16 @@ impl Client {
         db::log::events(&conn, &schema, status)
     }
 
+    /// The server version of the row of `table` with `key` that the device last saw (from a
+    /// receive or the answer to its own change), which its next update or delete of the row
+    /// carries as base version (R13); `None` if it never saw one.
+    pub fn row_version(&self, table: &str, key: &ferry_protocol::Key) -> Result<Option<u64>> {
+        let conn = self.lock();
+        let schema = self.require_schema(&conn)?;
+        let table = schema.table(table).ok_or_else(|| Error::NotInSchema(format!("table {table}")))?;
+        db::versions::get(&conn, table, key)
+    }
+
     /// Fix-and-retry a failed event: `edits` are written to the local row and the event, which
     /// becomes pending again, with the events of its local transaction that failed as its
     /// dependants (the server applies a local transaction all or nothing).

@@ -176,7 +176,7 @@ fn remaps_rewrite_rows_children_and_pending_log_entries() {
     assert_eq!(scalar_i64(&c, "SELECT CAST(total AS INTEGER) FROM invoice WHERE id = 200"), Some(5));
     assert_eq!(scalar_text(&c, "SELECT created_at FROM invoice WHERE id = 200"), None);
     // ...but its version is recorded, and the pending update's key was rewritten.
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'invoice' AND pk = '[200]'"), Some(1));
+    assert_eq!(row_version(&c, "invoice", 200), Some(1));
     let log = log(&c);
     assert_eq!(log.len(), 3, "{log:#?}");
     assert_eq!(log[0].tbl.as_deref(), Some("invoice_line"));
@@ -346,7 +346,7 @@ fn an_image_without_values_keeps_the_row_as_sent_and_records_its_version() {
     })
     .unwrap();
     assert_eq!(scalar_text(&c, "SELECT name || '/' || city FROM customer WHERE id = 70").as_deref(), Some("Ada/Paris"));
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'customer' AND pk = '[70]'"), Some(9));
+    assert_eq!(row_version(&c, "customer", 70), Some(9));
     assert!(log(&c).is_empty());
     // An image with some columns (set by the server) writes just those into the local row.
     c.transaction(|tx| tx.execute("INSERT INTO customer(name) VALUES ('Bob')", [])).unwrap();
@@ -360,5 +360,5 @@ fn an_image_without_values_keeps_the_row_as_sent_and_records_its_version() {
     })
     .unwrap();
     assert_eq!(scalar_text(&c, "SELECT name || '/' || city FROM customer WHERE id = 71").as_deref(), Some("Bob/Lyon"));
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'customer' AND pk = '[71]'"), Some(10));
+    assert_eq!(row_version(&c, "customer", 71), Some(10));
 }

@@ -190,7 +190,10 @@ fn full_snapshot(feed: &Feed) {
 
 fn dump(c: &Client) -> Vec<String> {
     let mut out = Vec::new();
-    for t in ["customer", "product", "invoice", "invoice_line", "photo", "ferry_versions"] {
+    for t in ["customer", "product", "invoice", "invoice_line", "photo"] {
+        for r in c.query_rows(&format!("SELECT * FROM ferry_versions_{t} ORDER BY 1"), []).unwrap() {
+            out.push(format!("version {t}: {r:?}"));
+        }
         for r in c.query_rows(&format!("SELECT * FROM {t} ORDER BY 1, 2"), []).unwrap() {
             out.push(format!("{t}: {r:?}"));
         }
@@ -237,8 +240,8 @@ async fn full_receive_replaces_the_local_copy_but_keeps_rows_with_local_changes(
     assert_eq!(log.len(), 1);
     assert_eq!((log[0].kind.as_str(), log[0].tbl.as_deref()), ("insert", Some("customer")));
     assert_eq!(scalar_i64(&c, "SELECT applying FROM ferry_ctl"), Some(0));
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'product' AND pk = '[1]'"), Some(6));
-    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_versions WHERE tbl = 'product' AND pk = '[2]'"), Some(0));
+    assert_eq!(row_version(&c, "product", 1), Some(6));
+    assert_eq!(row_version(&c, "product", 2), None);
     let state = c.receive_state().unwrap();
     assert_eq!((state.resume, state.staged_pages, state.complete), (None, 0, false));
 }
@@ -275,8 +278,8 @@ async fn incremental_receive_upserts_and_removes() {
     assert_eq!(scalar_i64(&c, "SELECT stock FROM product WHERE id = 1"), Some(4));
     assert_eq!(count(&c, "photo"), 0);
     assert_eq!(count(&c, "invoice"), 1, "an incremental receive keeps rows it does not mention");
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'product' AND pk = '[1]'"), Some(9));
-    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_versions WHERE tbl = 'customer' AND pk = '[11]'"), Some(0));
+    assert_eq!(row_version(&c, "product", 1), Some(9));
+    assert_eq!(row_version(&c, "customer", 11), None);
     assert!(log(&c).is_empty(), "nothing the sync wrote was captured");
 }
 
@@ -381,7 +384,7 @@ async fn rows_with_unsent_local_changes_are_left_alone_until_sent() {
     assert_eq!((report.rows_upserted, report.rows_removed, report.rows_skipped), (0, 0, 2));
     assert_eq!(scalar_text(&c, "SELECT name || '/' || city FROM customer WHERE id = 10").unwrap(), "Ada/Paris");
     assert_eq!(scalar_text(&c, "SELECT city FROM customer WHERE id = 11").unwrap(), "Rome", "not removed");
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'customer' AND pk = '[10]'"), Some(1));
+    assert_eq!(row_version(&c, "customer", 10), Some(1));
     assert_eq!(c.cursor().unwrap(), Cursor("c4".into()));
 
     // The events are sent and answered; the next receive converges the rows.
@@ -397,7 +400,7 @@ async fn rows_with_unsent_local_changes_are_left_alone_until_sent() {
     let report = c.receive().await.unwrap();
     assert_eq!((report.rows_upserted, report.rows_skipped), (2, 0));
     assert_eq!(scalar_text(&c, "SELECT name FROM customer WHERE id = 10").unwrap(), "Ada (merged)");
-    assert_eq!(scalar_i64(&c, "SELECT version FROM ferry_versions WHERE tbl = 'customer' AND pk = '[10]'"), Some(6));
+    assert_eq!(row_version(&c, "customer", 10), Some(6));
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The set-based receive apply and batch-result apply keep every rule of the row-by-row ones:
 //! R12 (rows with local changes are never overwritten or removed), full receives remove rows
 //! absent from the snapshot, many rows per statement with the last of duplicates winning,
-//! outcomes, and both forms of `ferry_versions`.
+//! outcomes, and versions moved from the shared table of earlier databases.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -36,7 +36,7 @@ fn receive(dir: &tempfile::TempDir, page: &ChangePage) -> ferry_client::engine::
 }
 
 fn version(c: &Client, table: &str, id: i64) -> Option<i64> {
-    scalar_i64(c, &format!("SELECT (SELECT version FROM ferry_versions WHERE tbl = '{table}' AND pk = '[{id}]')"))
+    row_version(c, table, id)
 }
 
 #[test]
@@ -64,7 +64,7 @@ fn a_large_full_receive_skips_rows_with_local_changes_and_removes_rows_absent_fr
     assert_eq!(version(&c, "product", 7), Some(500));
     assert_eq!(scalar_i64(&c, "SELECT stock FROM product WHERE id = 200"), Some(300));
     assert_eq!(version(&c, "product", 200), Some(210));
-    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_versions WHERE tbl = 'product'"), Some(200));
+    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_versions_product"), Some(200));
     assert_eq!(scalar_text(&c, "SELECT name FROM customer").as_deref(), Some("Local"), "kept: unsent insert");
     // Nothing the receive wrote was captured.
     assert_eq!(log(&c).len(), 2);
@@ -256,45 +256,39 @@ fn remaps_of_several_tables_in_one_result_move_every_row() {
 }
 
 #[test]
-fn versions_are_kept_without_rowid_in_new_databases_and_in_the_old_form_in_existing_ones() {
-    let sql = |c: &Client| scalar_text(c, "SELECT sql FROM sqlite_master WHERE name = 'ferry_versions'").unwrap();
-    let new = tempfile::tempdir().unwrap();
-    let c = client(&new);
-    assert!(sql(&c).contains("WITHOUT ROWID"), "{}", sql(&c));
-
-    let old = tempfile::tempdir().unwrap();
+fn versions_kept_in_the_shared_table_of_earlier_databases_move_to_the_per_table_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device.db");
+    drop(client(&dir));
     {
-        let conn = rusqlite::Connection::open(old.path().join("device.db")).unwrap();
+        // What an earlier version left: one `ferry_versions` for every table, no per-table ones.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for t in ["customer", "product", "invoice", "invoice_line", "location_ping", "photo"] {
+            conn.execute_batch(&format!("DROP TABLE IF EXISTS ferry_versions_{t}")).unwrap();
+        }
         conn.execute_batch(
             "CREATE TABLE ferry_versions(tbl TEXT NOT NULL, pk TEXT NOT NULL, version INTEGER NOT NULL,
-               PRIMARY KEY (tbl, pk));
-             CREATE TABLE ferry_log(seq INTEGER PRIMARY KEY AUTOINCREMENT, tx INTEGER,
-               kind TEXT NOT NULL CHECK (kind IN ('insert', 'update', 'delete', 'checkpoint')), tbl TEXT, pk TEXT,
-               new_row TEXT, changed TEXT, previous TEXT, base_version INTEGER,
-               status TEXT NOT NULL DEFAULT 'pending'
-                 CHECK (status IN ('pending', 'in_flight', 'rejected', 'dependency_rejected')),
-               batch_seq INTEGER, failure_code TEXT, failure_message TEXT, failure_column TEXT, server_row TEXT);
-             CREATE INDEX ferry_log_batch ON ferry_log(batch_seq);",
+               PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
+             INSERT INTO ferry_versions VALUES ('product', '[1]', 7), ('customer', '[10]', 3), ('gone', '[1]', 1);
+             UPDATE ferry_ctl SET applying = 1;
+             INSERT INTO product(id, name, price, stock) VALUES (1, 'widget', 2.5, 5);
+             UPDATE ferry_ctl SET applying = 0;",
         )
         .unwrap();
     }
-    let c = client(&old);
-    assert!(!sql(&c).contains("WITHOUT ROWID"));
-    seed_product(&c, 1, 5);
+    // Opening is enough: the stored schema is installed again, which moves the versions.
+    let c = Client::open(&path, config("http://127.0.0.1:9")).unwrap();
+    assert_eq!(version(&c, "product", 1), Some(7));
+    assert_eq!(version(&c, "customer", 10), Some(3));
+    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM sqlite_master WHERE name = 'ferry_versions'"), Some(0));
+    // The capture triggers read the moved version as the update's base version.
     c.transaction(|tx| tx.execute("UPDATE product SET stock = 6 WHERE id = 1", [])).unwrap();
-    let stats = receive(&old, &page(false, vec![products(&[(1, 9, 4), (2, 9, 4)])], vec![]));
-    assert_eq!((stats.rows_upserted, stats.rows_skipped), (1, 1));
-    assert_eq!(version(&c, "product", 1), Some(1));
+    let log = log(&c);
+    assert_eq!((log.len(), log[0].base_version), (1, Some(7)), "{log:#?}");
+    // And receives write the per-table ones.
+    let stats = receive(&dir, &page(false, vec![products(&[(2, 9, 4)])], vec![]));
+    assert_eq!(stats.rows_upserted, 1);
     assert_eq!(version(&c, "product", 2), Some(4));
-    let b = c.next_batch().unwrap().unwrap();
-    c.apply_result(&BatchResult {
-        batch_seq: b.batch_seq,
-        outcomes: vec![EventOutcome { seq: b.events[0].seq, outcome: Outcome::Applied }],
-        remaps: vec![],
-        images: vec![],
-    })
-    .unwrap();
-    assert!(log(&c).is_empty());
 }
 
 #[test]

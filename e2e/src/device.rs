@@ -115,9 +115,9 @@ pub fn dump(c: &Client) -> Vec<String> {
         let rows = c.query_rows(&format!("SELECT * FROM \"{}\"", table.name), []).expect("dump");
         out.extend(rows.iter().map(|r| format!("{} {r:?}", table.name)));
         let versions = c
-            .query_rows("SELECT tbl, pk, version FROM ferry_versions WHERE tbl = ?1", [&table.name])
+            .query_rows(&format!("SELECT * FROM {}", ferry_client::db::versions::table_name(table)), [])
             .expect("dump versions");
-        out.extend(versions.iter().map(|r| format!("version {r:?}")));
+        out.extend(versions.iter().map(|r| format!("version {} {r:?}", table.name)));
     }
     out.sort();
     out

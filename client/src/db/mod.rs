@@ -7,9 +7,8 @@
 //!   off while the sync itself writes, and the last temporary key handed out;
 //! - `ferry_log`: the pending log (events and checkpoints, in device order); its `batch_seq`
 //!   index holds only entries in flight (databases created before keep a full index);
-//! - `ferry_versions`: the server version of each row the device last saw (`WITHOUT ROWID`, one
-//!   B-tree keyed by table and key text; databases created before that keep the rowid form, which
-//!   every statement handles the same);
+//! - `ferry_versions_<table>`: per synced table, the server version of each row the device last
+//!   saw, keyed like the table (see [`versions`]);
 //! - `ferry_inflight`: the exact batches in flight (postcard), so a crash re-sends them unchanged:
 //!   the one being uploaded and at most one cut ahead; `result` holds the server's answer to the
 //!   first once it is stored to be applied beside the next upload (applied before anything else
@@ -21,6 +20,7 @@ pub mod log;
 pub mod receive;
 pub mod schema;
 pub mod values;
+pub mod versions;
 
 use std::path::Path;
 
@@ -58,12 +58,6 @@ CREATE TABLE IF NOT EXISTS ferry_log(
 );
 CREATE INDEX IF NOT EXISTS ferry_log_row ON ferry_log(tbl, pk);
 CREATE INDEX IF NOT EXISTS ferry_log_batch ON ferry_log(batch_seq) WHERE batch_seq IS NOT NULL;
-CREATE TABLE IF NOT EXISTS ferry_versions(
-  tbl TEXT NOT NULL,
-  pk TEXT NOT NULL,
-  version INTEGER NOT NULL,
-  PRIMARY KEY (tbl, pk)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL, result BLOB);
 CREATE TABLE IF NOT EXISTS ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
 "#;
@@ -75,7 +69,7 @@ const STATEMENT_CACHE_CAPACITY: usize = 128;
 /// a device id generated on first open. The `applying` flag is reset (a crash mid-apply rolled
 /// its transaction back anyway).
 pub fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -93,6 +87,16 @@ pub fn open(path: &Path) -> Result<Connection> {
         conn.execute_batch("ALTER TABLE ferry_inflight ADD COLUMN result BLOB")?;
     }
     conn.execute("UPDATE ferry_ctl SET applying = 0 WHERE id = 1", [])?;
+    // Databases that kept every table's versions in one shared table: reinstalling their schema
+    // moves the versions into the per-table tables and points the triggers there.
+    let shared_versions: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ferry_versions')",
+        [],
+        |r| r.get(0),
+    )?;
+    if shared_versions && let Some(schema) = stored_schema(&conn)? {
+        schema::apply_schema(&mut conn, &schema)?;
+    }
     if meta_get(&conn, "device_id")?.is_none() {
         meta_set(&conn, "device_id", &uuid::Uuid::now_v7().to_string())?;
     }

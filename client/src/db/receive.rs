@@ -13,10 +13,11 @@ use std::collections::{HashMap, HashSet};
 
 use ferry_protocol::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use ferry_protocol::{ChangePage, Cursor, Encoding, Removal, Schema, Table, TableRows, Value};
-use rusqlite::{CachedStatement, Connection, params};
+use rusqlite::{CachedStatement, Connection};
 
 use crate::db::schema::key_array;
-use crate::db::values::{SqlRef, Upsert, VersionWriter, key_clause, push_key_json};
+use crate::db::values::{SqlRef, Upsert, key_clause, push_key_json};
+use crate::db::versions::{self, VersionWriter};
 use crate::db::{meta_delete, meta_get, meta_set, quote, set_applying};
 use crate::engine::receive::ApplyStats;
 use crate::error::{Error, Result};
@@ -151,11 +152,7 @@ fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
                 ),
                 [&table.name],
             )?;
-            tx.execute(
-                "DELETE FROM ferry_versions WHERE tbl = ?1
-                   AND pk NOT IN (SELECT pk FROM ferry_log WHERE tbl = ?1 AND pk IS NOT NULL)",
-                [&table.name],
-            )?;
+            versions::forget_all_but_logged(&tx, table)?;
         }
     }
     let mut applier = Applier::new(&tx, schema)?;
@@ -215,25 +212,13 @@ struct Applier<'c> {
     conn: &'c Connection,
     schema: &'c Schema,
     local: LocalChanges,
-    versions: VersionWriter<'c>,
-    unversion: CachedStatement<'c>,
     /// The key text of the current row.
     pk: String,
-    /// The key texts of the rows of the current group, one after another.
-    pks: String,
 }
 
 impl<'c> Applier<'c> {
     fn new(conn: &'c Connection, schema: &'c Schema) -> Result<Self> {
-        Ok(Applier {
-            conn,
-            schema,
-            local: LocalChanges::load(conn)?,
-            versions: VersionWriter::new(conn),
-            unversion: conn.prepare_cached("DELETE FROM ferry_versions WHERE tbl = ?1 AND pk = ?2")?,
-            pk: String::new(),
-            pks: String::new(),
-        })
+        Ok(Applier { conn, schema, local: LocalChanges::load(conn)?, pk: String::new() })
     }
 
     /// Applies one page: upserts parents first, then removals children first. Capture must be off.
@@ -255,10 +240,12 @@ impl<'c> Applier<'c> {
             if removal.key.0.len() != table.primary_key.len() {
                 return Err(Error::Corrupt(format!("removal key {} does not fit table {}", removal.key, table.name)));
             }
-            push_key_json(self.conn, &removal.key.0, &mut self.pk)?;
-            if self.local.of(&table.name).is_some_and(|keys| keys.contains(&self.pk)) {
-                stats.rows_skipped += 1;
-                continue;
+            if let Some(keys) = self.local.of(&table.name) {
+                push_key_json(self.conn, &removal.key.0, &mut self.pk)?;
+                if keys.contains(&self.pk) {
+                    stats.rows_skipped += 1;
+                    continue;
+                }
             }
             let stmt = match &mut delete {
                 Some((d, stmt)) if *d == i => stmt,
@@ -268,7 +255,7 @@ impl<'c> Applier<'c> {
                 }
             };
             let n = stmt.execute(rusqlite::params_from_iter(removal.key.0.iter().map(SqlRef)))?;
-            self.unversion.execute(params![table.name, self.pk])?;
+            versions::forget(self.conn, table, &removal.key.0)?;
             stats.rows_removed += n as u64;
         }
         Ok(())
@@ -292,39 +279,33 @@ impl<'c> Applier<'c> {
         }
         let local = self.local.of(&table.name);
         let mut kept: Vec<&[Value]> = Vec::with_capacity(rows.rows.len());
-        // (end of the row's key text in `pks`, version)
-        let mut kept_versions: Vec<(usize, i64)> = Vec::with_capacity(rows.rows.len());
+        let mut kept_versions: Vec<(&[Value], i64)> = Vec::with_capacity(rows.rows.len());
         let mut key: Vec<&Value> = Vec::with_capacity(key_pos.len());
-        self.pks.clear();
         for (values, version) in rows.rows.iter().zip(&rows.versions) {
             if values.len() != rows.columns.len() {
                 return Err(Error::Corrupt(format!("a received row of {} has the wrong number of values", table.name)));
             }
-            key.clear();
-            key.extend(key_pos.iter().map(|&p| &values[p]));
-            push_key_json(self.conn, &key, &mut self.pk)?;
-            if local.is_some_and(|keys| keys.contains(&self.pk)) {
-                // R12: the local row keeps its state (and its version: the device has not seen this one).
-                stats.rows_skipped += 1;
-                continue;
+            if let Some(keys) = local {
+                key.clear();
+                key.extend(key_pos.iter().map(|&p| &values[p]));
+                push_key_json(self.conn, &key, &mut self.pk)?;
+                if keys.contains(&self.pk) {
+                    // R12: the local row keeps its state (and its version: the device has not seen this one).
+                    stats.rows_skipped += 1;
+                    continue;
+                }
             }
             let version = i64::try_from(*version).map_err(|_| Error::Corrupt(format!("row version {version}")))?;
-            self.pks.push_str(&self.pk);
             kept.push(values);
-            kept_versions.push((self.pks.len(), version));
+            kept_versions.push((values, version));
         }
         let columns: Vec<&str> = rows.columns.iter().map(String::as_str).collect();
         Upsert::prepare(self.conn, table, &columns)?.execute_rows(&kept)?;
-        let mut start = 0;
-        let versions: Vec<(&str, &str, i64)> = kept_versions
-            .iter()
-            .map(|&(end, version)| {
-                let pk = &self.pks[start..end];
-                start = end;
-                (table.name.as_str(), pk, version)
-            })
-            .collect();
-        self.versions.write(&versions)?;
+        VersionWriter::new(self.conn, table).write(
+            &kept_versions,
+            |(values, _), i| &values[key_pos[i]],
+            |(_, version)| *version,
+        )?;
         stats.rows_upserted += kept.len() as u64;
         Ok(())
     }

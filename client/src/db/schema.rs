@@ -3,11 +3,11 @@
 use ferry_protocol::{ColumnType, Schema, Table};
 use rusqlite::Connection;
 
-use crate::db::{meta_set, quote, stored_schema};
+use crate::db::{meta_set, quote, stored_schema, versions};
 use crate::error::{Error, Result};
 
-/// Creates the schema's tables (if missing), adds new nullable columns, (re)installs the capture
-/// triggers and stores the schema. Refuses non-additive changes with [`Error::SchemaChange`].
+/// Creates the schema's tables and their version tables (if missing), adds new nullable columns,
+/// (re)installs the capture triggers and stores the schema. Refuses non-additive changes with [`Error::SchemaChange`].
 /// Runs in one transaction.
 pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<()> {
     if let Some(old) = stored_schema(conn)? {
@@ -37,8 +37,10 @@ pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<()> {
                 ))?;
             }
         }
+        tx.execute_batch(&versions::create_sql(table))?;
         tx.execute_batch(&triggers_sql(table))?;
     }
+    versions::migrate_shared_table(&tx, schema)?;
     let json = serde_json::to_string(schema).map_err(|e| Error::Corrupt(e.to_string()))?;
     meta_set(&tx, "schema", &json)?;
     tx.commit()?;
@@ -51,7 +53,7 @@ fn existing_columns(conn: &Connection, table: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn sql_type(ty: ColumnType) -> &'static str {
+pub(crate) fn sql_type(ty: ColumnType) -> &'static str {
     match ty {
         ColumnType::Integer => "INTEGER",
         ColumnType::Real => "REAL",
@@ -133,8 +135,7 @@ pub fn triggers_sql(table: &Table) -> String {
     for what in ["ins", "upd_guard", "upd", "del"] {
         sql.push_str(&format!("DROP TRIGGER IF EXISTS {};\n", trigger_name(table, what)));
     }
-    let base_version =
-        format!("(SELECT version FROM ferry_versions WHERE tbl = '{name}' AND pk = {})", key_array("OLD", table));
+    let base_version = versions::lookup_sql(table, "OLD");
 
     // INSERT: auto-numbered tables get their key rewritten to the next temporary key first.
     let insert_body = if table.auto_number {

@@ -212,7 +212,7 @@ pub fn key_from_json(table: &Table, json: &str) -> Result<Key> {
 }
 
 /// The JSON text of a key exactly as the triggers write it (`json_array(...)` computed by SQLite,
-/// bytes as upper-case hex), for comparisons with `ferry_log.pk` and `ferry_versions.pk`.
+/// bytes as upper-case hex), for comparisons with `ferry_log.pk`.
 pub fn key_json(conn: &Connection, key: &Key) -> Result<String> {
     let mut out = String::new();
     push_key_json(conn, &key.0, &mut out)?;
@@ -456,32 +456,6 @@ impl<'c> Upsert<'c> {
             for (param, &i) in bound.iter().enumerate() {
                 stmt.raw_bind_parameter(first + param, SqlRef(values[i].borrow()))?;
             }
-            Ok(())
-        })
-    }
-}
-
-/// Writes rows' server versions into `ferry_versions` (insert or overwrite), many per statement.
-pub struct VersionWriter<'c>(RowWriter<'c>);
-
-impl<'c> VersionWriter<'c> {
-    /// A writer on `conn`; its statements are prepared on first use.
-    pub fn new(conn: &'c Connection) -> Self {
-        VersionWriter(RowWriter::new(
-            conn,
-            "INSERT INTO ferry_versions(tbl, pk, version) VALUES ".into(),
-            " ON CONFLICT(tbl, pk) DO UPDATE SET version = excluded.version".into(),
-            3,
-        ))
-    }
-
-    /// Records `(table, key text, version)` for each row, in order (a row given twice keeps the
-    /// last version).
-    pub fn write(&mut self, versions: &[(&str, &str, i64)]) -> Result<()> {
-        self.0.write(versions, |stmt, first, (table, pk, version)| {
-            stmt.raw_bind_parameter(first, *table)?;
-            stmt.raw_bind_parameter(first + 1, *pk)?;
-            stmt.raw_bind_parameter(first + 2, *version)?;
             Ok(())
         })
     }

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use ferry_protocol::{BatchResult, FailureCode, Key, KeyRemap, Outcome, Row, RowImage, Schema, Table, Value};
 use rusqlite::{Connection, params};
 
-use crate::db::values::{Upsert, VersionWriter, key_where, push_key_json, to_sql, value_to_json};
+use crate::db::values::{Upsert, key_where, push_key_json, to_sql, value_to_json};
+use crate::db::versions::{self, VersionWriter};
 use crate::db::{quote, set_applying};
 use crate::error::{Error, Result};
 
@@ -159,13 +160,7 @@ pub fn apply_remaps(conn: &Connection, schema: &Schema, remaps: &[KeyRemap]) -> 
             ))?
             .execute([name])?;
         }
-        if temp_keyed("SELECT EXISTS(SELECT 1 FROM ferry_versions WHERE tbl = ?1 AND pk >= '[-' AND pk < '[.')")? {
-            conn.prepare_cached(
-                "UPDATE ferry_versions SET pk = json_array(r.real) FROM temp.ferry_remap r
-                 WHERE ferry_versions.tbl = ?1 AND r.tbl = ?1 AND ferry_versions.pk = json_array(r.temp)",
-            )?
-            .execute([name])?;
-        }
+        versions::remap(conn, table)?;
         for child in &schema.tables {
             for fk in child.foreign_keys.iter().filter(|f| &f.references == name) {
                 let path = format!("$.{}", fk.column);
@@ -204,10 +199,9 @@ pub fn apply_images(conn: &Connection, schema: &Schema, images: &[RowImage]) -> 
         "UPDATE ferry_log SET base_version = ?3
          WHERE tbl = ?1 AND pk = ?2 AND status = 'pending' AND kind IN ('update', 'delete')",
     )?;
-    // Key texts one after another; `versions` and `rows` hold where each ends.
-    let mut pks = String::new();
     let mut pk = String::new();
-    let mut versions: Vec<(&str, usize, i64)> = Vec::with_capacity(images.len());
+    // (table, key, version) of each image, in order.
+    let mut seen: Vec<(&Table, &[Value], i64)> = Vec::with_capacity(images.len());
     // The rows to write: (table, column names, values).
     let mut rows: Vec<(&Table, Vec<&str>, Vec<&Value>)> = Vec::with_capacity(images.len());
     for image in images {
@@ -217,8 +211,7 @@ pub fn apply_images(conn: &Connection, schema: &Schema, images: &[RowImage]) -> 
         }
         push_key_json(conn, &image.key.0, &mut pk)?;
         let version = i64::try_from(image.version).map_err(|_| Error::ResultMismatch("row version".into()))?;
-        pks.push_str(&pk);
-        versions.push((&table.name, pks.len(), version));
+        seen.push((table, &image.key.0, version));
         if has_log.query_row(params![table.name, pk], |r| r.get::<_, bool>(0))? {
             rebase.execute(params![table.name, pk, version])?;
             continue;
@@ -247,16 +240,10 @@ pub fn apply_images(conn: &Connection, schema: &Schema, images: &[RowImage]) -> 
         }
         rows.push((table, names, values));
     }
-    let mut start = 0;
-    let versions: Vec<(&str, &str, i64)> = versions
-        .into_iter()
-        .map(|(table, end, version)| {
-            let pk = &pks[start..end];
-            start = end;
-            (table, pk, version)
-        })
-        .collect();
-    VersionWriter::new(conn).write(&versions)?;
+    // Runs of images of the same table share one version writer.
+    for run in seen.chunk_by(|a, b| a.0.name == b.0.name) {
+        VersionWriter::new(conn, run[0].0).write(run, |(_, key, _), i| &key[i], |(_, _, version)| *version)?;
+    }
     // Runs of images of the same table and columns share one upsert.
     let mut run_start = 0;
     while run_start < rows.len() {

@@ -97,3 +97,8 @@ pub fn seed_product(c: &Client, id: i64, stock: i64) {
     })
     .unwrap();
 }
+
+/// The version the device last saw of `table`'s row `id` (single integer key).
+pub fn row_version(c: &Client, table: &str, id: i64) -> Option<i64> {
+    c.row_version(table, &Key::int(id)).unwrap().map(|v| v as i64)
+}

@@ -110,9 +110,8 @@ fn receive_images(c: &Client, images: Vec<RowImage>) {
 fn local_image(c: &Client, table: &str, id: i64) -> RowImage {
     let rows = c.query_rows(&format!("SELECT * FROM {table} WHERE id = ?1"), [id]).unwrap();
     assert_eq!(rows.len(), 1, "{table} {id} on the device");
-    let version =
-        local_i64(c, &format!("SELECT version FROM ferry_versions WHERE tbl = '{table}' AND pk = json_array({id})"));
-    RowImage { table: table.into(), key: Key::int(id), version: version as u64, values: rows[0].clone() }
+    let version = c.row_version(table, &Key::int(id)).unwrap().unwrap_or_else(|| panic!("no version of {table} {id}"));
+    RowImage { table: table.into(), key: Key::int(id), version, values: rows[0].clone() }
 }
 
 /// A single integer from a device's database.
