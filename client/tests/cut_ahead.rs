@@ -195,3 +195,20 @@ fn cutting_a_batch_reads_the_log_only_up_to_its_checkpoint() {
     .unwrap();
     assert!(matches!(c.next_batch(), Err(ferry_client::Error::Corrupt(_))), "{:?}", c.next_batch());
 }
+
+#[test]
+fn a_checkpoint_near_the_start_of_the_log_refuses_a_cut_ahead_without_reading_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(&dir);
+    insert_customer(&c, "Ada");
+    let b1 = c.next_batch().unwrap().unwrap();
+    insert_customer(&c, "Bob");
+    c.checkpoint().unwrap();
+    // Bob's event cannot be decoded: the refusal must come before any event is read.
+    rusqlite::Connection::open(dir.path().join("device.db"))
+        .unwrap()
+        .execute("UPDATE ferry_log SET new_row = 'not json' WHERE pk = '[-2]'", [])
+        .unwrap();
+    assert!(c.cut_ahead(&b1).unwrap().is_none());
+    assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_inflight"), Some(1));
+}

@@ -398,7 +398,9 @@ pub fn prepare_next_batch(
 /// the first local transaction that touches a row the batch in flight touches (its answer
 /// rewrites such rows' versions and keys), and nothing is cut ahead across a checkpoint (a batch
 /// cut ahead is cut again if that answer puts events back to pending, see
-/// [`unflight_after`]). Nothing is cut unless `current` is the only batch in flight.
+/// [`unflight_after`]), nor when a checkpoint lies within `max_events + 1` entries of the log's
+/// start (found without reading events). Nothing is cut unless `current` is the only batch in
+/// flight.
 pub fn cut_ahead(
     conn: &mut Connection,
     schema: &Schema,
@@ -410,6 +412,19 @@ pub fn cut_ahead(
         stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
     };
     if inflight != [current.batch_seq as i64] {
+        return Ok(None);
+    }
+    // A checkpoint within a batch's reach of the log's start is (almost always) consumed by the
+    // next cut, which then may not be cut ahead: say so before reading any event. (A cut that the
+    // byte limit ends before that checkpoint is not cut ahead either; it goes after the answer.)
+    let window = limits.max_events.saturating_add(1) as i64;
+    let checkpoint_near: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM (SELECT kind FROM ferry_log WHERE status = 'pending' OR kind = 'checkpoint'
+               ORDER BY seq LIMIT ?1) WHERE kind = 'checkpoint')",
+        )?
+        .query_row([window], |r| r.get(0))?;
+    if checkpoint_near {
         return Ok(None);
     }
     let tx = conn.transaction()?;
