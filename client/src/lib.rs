@@ -224,10 +224,10 @@ impl Client {
 
     /// The installed schema, if any.
     pub fn schema(&self) -> Result<Option<Schema>> {
-        db::stored_schema(&self.lock())
+        Ok(db::stored_schema(&self.lock())?.map(|schema| (*schema).clone()))
     }
 
-    fn require_schema(&self, conn: &Connection) -> Result<Schema> {
+    fn require_schema(&self, conn: &Connection) -> Result<Arc<Schema>> {
         db::stored_schema(conn)?.ok_or(Error::NoSchema)
     }
 

@@ -23,6 +23,7 @@ pub mod values;
 pub mod versions;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use ferry_protocol::Schema;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -145,11 +146,23 @@ pub fn device_id(conn: &Connection) -> Result<String> {
 }
 
 /// The installed schema, if any.
-pub fn stored_schema(conn: &Connection) -> Result<Option<Schema>> {
-    match meta_get(conn, "schema")? {
-        None => Ok(None),
-        Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| Error::Corrupt(format!("stored schema: {e}"))),
+///
+/// Every sync step reads it; the last one parsed is kept (process-wide, by its stored text), so
+/// a step costs one `ferry_meta` lookup, not a parse. Another text (a new schema installed, or
+/// another database) is parsed and kept instead.
+pub fn stored_schema(conn: &Connection) -> Result<Option<Arc<Schema>>> {
+    static LAST: Mutex<Option<(String, Arc<Schema>)>> = Mutex::new(None);
+    let Some(json) = meta_get(conn, "schema")? else { return Ok(None) };
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((text, schema)) = last.as_ref()
+        && *text == json
+    {
+        return Ok(Some(schema.clone()));
     }
+    let schema: Arc<Schema> =
+        Arc::new(serde_json::from_str(&json).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?);
+    *last = Some((json, schema.clone()));
+    Ok(Some(schema))
 }
 
 /// The next batch sequence number to assign.
