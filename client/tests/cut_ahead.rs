@@ -6,10 +6,29 @@
 mod common;
 
 use common::*;
-use ferry_client::ferry_protocol::{BatchResult, EventOutcome, Key, KeyRemap, Op, Outcome};
+use ferry_client::ferry_protocol::{Batch, BatchResult, EventOutcome, Key, KeyRemap, Op, Outcome};
 
 fn applied(seq: u64) -> EventOutcome {
     EventOutcome { seq, outcome: Outcome::Applied }
+}
+
+/// Answers a batch of one customer insert: applied, its temporary key remapped to `real`.
+fn answer_one_insert(c: &ferry_client::Client, batch: &Batch, temp: i64, real: i64) {
+    c.apply_result(&BatchResult {
+        batch_seq: batch.batch_seq,
+        outcomes: vec![applied(batch.events[0].seq)],
+        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(temp), real: Key::int(real) }],
+        images: vec![],
+    })
+    .unwrap();
+}
+
+/// Makes the log entry of the row with key text `pk` undecodable (read it, and the cut fails).
+fn corrupt_log_entry(dir: &tempfile::TempDir, pk: &str) {
+    rusqlite::Connection::open(dir.path().join("device.db"))
+        .unwrap()
+        .execute("UPDATE ferry_log SET new_row = 'not json' WHERE pk = ?1", [pk])
+        .unwrap();
 }
 
 fn insert_customer(c: &ferry_client::Client, name: &str) {
@@ -33,13 +52,7 @@ fn the_next_batch_is_cut_ahead_and_uploaded_after_the_one_in_flight() {
     // The batch in flight is still the one uploaded next.
     assert_eq!(c.next_batch().unwrap().unwrap(), b1);
 
-    c.apply_result(&BatchResult {
-        batch_seq: b1.batch_seq,
-        outcomes: vec![applied(b1.events[0].seq)],
-        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(-1), real: Key::int(1000) }],
-        images: vec![],
-    })
-    .unwrap();
+    answer_one_insert(&c, &b1, -1, 1000);
     let b2 = c.next_batch().unwrap().unwrap();
     assert_eq!(b2.batch_seq, b1.batch_seq + 1);
     assert_eq!((b2.events[0].table.as_str(), b2.events[0].values["customer_id"].clone()), ("invoice", int(-1)));
@@ -75,13 +88,7 @@ fn a_transaction_touching_a_row_of_the_batch_in_flight_waits_for_its_answer() {
     .unwrap();
     let b2 = c.next_batch().unwrap().unwrap();
     assert_eq!(b2.events[0].values["name"], text("Bob"));
-    c.apply_result(&BatchResult {
-        batch_seq: b2.batch_seq,
-        outcomes: vec![applied(b2.events[0].seq)],
-        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(-2), real: Key::int(8) }],
-        images: vec![],
-    })
-    .unwrap();
+    answer_one_insert(&c, &b2, -2, 8);
     // The update is cut after the answer: real key, and the version that answer recorded.
     let b3 = c.next_batch().unwrap().unwrap();
     assert_eq!((b3.events[0].op, b3.events[0].key.clone()), (Op::Update, Key::int(7)));
@@ -128,13 +135,7 @@ fn nothing_is_cut_ahead_across_a_checkpoint() {
     let b1 = c.next_batch().unwrap().unwrap();
     assert!(c.cut_ahead(&b1).unwrap().is_none(), "Bob's batch would end at a checkpoint");
     assert_eq!(log(&c).iter().filter(|e| e.kind == "checkpoint").count(), 1);
-    c.apply_result(&BatchResult {
-        batch_seq: b1.batch_seq,
-        outcomes: vec![applied(b1.events[0].seq)],
-        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(-1), real: Key::int(1) }],
-        images: vec![],
-    })
-    .unwrap();
+    answer_one_insert(&c, &b1, -1, 1);
     let b2 = c.next_batch().unwrap().unwrap();
     assert_eq!(b2.events.len(), 1, "the checkpoint still ends Bob's batch");
     assert!(c.cut_ahead(&b2).unwrap().is_some(), "Cy's batch has no checkpoint left to cross");
@@ -177,22 +178,13 @@ fn cutting_a_batch_reads_the_log_only_up_to_its_checkpoint() {
     insert_customer(&c, "Bob");
     // A log entry after the first batch's checkpoint that cannot be decoded: cutting the first
     // batch must not read it (a backlog of many batches costs one batch per cut).
-    rusqlite::Connection::open(dir.path().join("device.db"))
-        .unwrap()
-        .execute("UPDATE ferry_log SET new_row = 'not json' WHERE pk = '[-2]'", [])
-        .unwrap();
+    corrupt_log_entry(&dir, "[-2]");
 
     let b1 = c.next_batch().unwrap().unwrap();
     assert_eq!(b1.events.len(), 1);
     assert_eq!(b1.events[0].values["name"], text("Ada"));
     // The next cut does read it, and says the log is corrupt.
-    c.apply_result(&BatchResult {
-        batch_seq: b1.batch_seq,
-        outcomes: vec![applied(b1.events[0].seq)],
-        remaps: vec![KeyRemap { table: "customer".into(), temporary: Key::int(-1), real: Key::int(1000) }],
-        images: vec![],
-    })
-    .unwrap();
+    answer_one_insert(&c, &b1, -1, 1000);
     assert!(matches!(c.next_batch(), Err(ferry_client::Error::Corrupt(_))), "{:?}", c.next_batch());
 }
 
@@ -205,10 +197,7 @@ fn a_checkpoint_near_the_start_of_the_log_refuses_a_cut_ahead_without_reading_ev
     insert_customer(&c, "Bob");
     c.checkpoint().unwrap();
     // Bob's event cannot be decoded: the refusal must come before any event is read.
-    rusqlite::Connection::open(dir.path().join("device.db"))
-        .unwrap()
-        .execute("UPDATE ferry_log SET new_row = 'not json' WHERE pk = '[-2]'", [])
-        .unwrap();
+    corrupt_log_entry(&dir, "[-2]");
     assert!(c.cut_ahead(&b1).unwrap().is_none());
     assert_eq!(scalar_i64(&c, "SELECT count(*) FROM ferry_inflight"), Some(1));
 }
