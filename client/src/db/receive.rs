@@ -233,8 +233,9 @@ impl<'c> Applier<'c> {
         let mut removals: Vec<(usize, &Removal)> =
             page.removals.iter().map(|r| Ok((table_index(schema, &r.table)?, r))).collect::<Result<_>>()?;
         removals.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        // One delete statement per table, prepared when the table's removals start.
-        let mut delete: Option<(usize, CachedStatement<'c>)> = None;
+        // One delete statement per table and one for its versions, prepared when the table's
+        // removals start.
+        let mut delete: Option<(usize, CachedStatement<'c>, CachedStatement<'c>)> = None;
         for (i, removal) in removals {
             let table = &schema.tables[i];
             if removal.key.0.len() != table.primary_key.len() {
@@ -247,15 +248,16 @@ impl<'c> Applier<'c> {
                     continue;
                 }
             }
-            let stmt = match &mut delete {
-                Some((d, stmt)) if *d == i => stmt,
+            let (_, row, version) = match &mut delete {
+                Some(stmts) if stmts.0 == i => stmts,
                 slot => {
                     let sql = format!("DELETE FROM {} WHERE {}", quote(&table.name), key_clause(table));
-                    &mut slot.insert((i, self.conn.prepare_cached(&sql)?)).1
+                    let forget = versions::forget_sql(table);
+                    slot.insert((i, self.conn.prepare_cached(&sql)?, self.conn.prepare_cached(&forget)?))
                 }
             };
-            let n = stmt.execute(rusqlite::params_from_iter(removal.key.0.iter().map(SqlRef)))?;
-            versions::forget(self.conn, table, &removal.key.0)?;
+            let n = row.execute(rusqlite::params_from_iter(removal.key.0.iter().map(SqlRef)))?;
+            version.execute(rusqlite::params_from_iter(removal.key.0.iter().map(SqlRef)))?;
             stats.rows_removed += n as u64;
         }
         Ok(())

@@ -7,8 +7,6 @@
 //! integer lookup. Databases made before this kept every table's versions in one `ferry_versions`
 //! keyed by table name and key text; [`migrate_shared_table`] moves them over.
 
-use std::borrow::Borrow;
-
 use ferry_protocol::{ColumnType, Key, Schema, Table, Value};
 use rusqlite::{Connection, OptionalExtension};
 
@@ -73,11 +71,10 @@ pub fn get(conn: &Connection, table: &Table, key: &Key) -> Result<Option<u64>> {
     Ok(version.map(|v| v as u64))
 }
 
-/// Forgets the version of the row of `table` whose key values `key` gives (a removed row).
-pub fn forget<V: Borrow<Value>>(conn: &Connection, table: &Table, key: &[V]) -> Result<()> {
-    let sql = format!("DELETE FROM {} WHERE {}", table_name(table), key_clause(table));
-    conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(key.iter().map(|v| SqlRef(v.borrow()))))?;
-    Ok(())
+/// The statement that forgets the version of one row of `table` (a removed row), its key
+/// values bound in key order.
+pub fn forget_sql(table: &Table) -> String {
+    format!("DELETE FROM {} WHERE {}", table_name(table), key_clause(table))
 }
 
 /// Forgets the versions of every row of `table` without a log entry (a full receive, which
