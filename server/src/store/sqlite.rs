@@ -655,3 +655,47 @@ mod tests {
         assert_eq!(conn.prepare_cached(sql).unwrap().get_status(StatementStatus::RePrepare), 0);
     }
 }
+
+#[cfg(test)]
+mod migration_tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// A database made under the first migration keeps its change feed through the second, and
+    /// its capture triggers (installed then) write to the new table.
+    #[test]
+    fn ferry_rows_moves_to_a_without_rowid_table_with_its_rows_and_triggers() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("server.db")).unwrap();
+        conn.execute_batch(include_str!("../../migrations/sqlite/0001_ferry_state.sql")).unwrap();
+        conn.execute_batch("CREATE TABLE item(id INTEGER PRIMARY KEY, name TEXT);").unwrap();
+        conn.execute_batch(&super::capture_triggers("item", &["id".to_string()])).unwrap();
+        conn.execute_batch("INSERT INTO item VALUES (1, 'a'), (2, 'b'); DELETE FROM item WHERE id = 2;").unwrap();
+        let feed = |conn: &rusqlite::Connection| -> Vec<(String, i64, i64)> {
+            let mut stmt = conn.prepare("SELECT pk, version, deleted FROM ferry_rows ORDER BY pk").unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        let before = feed(&conn);
+        assert_eq!(before.len(), 2);
+
+        conn.execute_batch(&format!(
+            "BEGIN; {} COMMIT;",
+            include_str!("../../migrations/sqlite/0002_ferry_rows_without_rowid.sql")
+        ))
+        .unwrap();
+        assert_eq!(feed(&conn), before);
+        let sql: String =
+            conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'ferry_rows'", [], |r| r.get(0)).unwrap();
+        assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+        let index: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'ferry_rows_by_position'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 1);
+        conn.execute_batch("INSERT INTO item VALUES (3, 'c'); UPDATE item SET name = 'A' WHERE id = 1;").unwrap();
+        let after = feed(&conn);
+        assert_eq!(
+            after.iter().map(|(pk, _, d)| (pk.as_str(), *d)).collect::<Vec<_>>(),
+            [("[1]", 0), ("[2]", 1), ("[3]", 0)]
+        );
+        assert!(after[0].1 > before[0].1, "the update bumped the row's version: {after:?}");
+    }
+}
