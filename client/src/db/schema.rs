@@ -7,8 +7,8 @@ use crate::db::{meta_set, quote, stored_schema, versions};
 use crate::error::{Error, Result};
 
 /// Creates the schema's tables and their version tables (if missing), adds new nullable columns,
-/// (re)installs the capture triggers and stores the schema. Refuses non-additive changes with [`Error::SchemaChange`].
-/// Runs in one transaction.
+/// (re)installs the capture triggers and stores the schema. Refuses non-additive changes with
+/// [`Error::SchemaChange`]. Runs in one transaction.
 pub fn apply_schema(conn: &mut Connection, schema: &Schema) -> Result<()> {
     if let Some(old) = stored_schema(conn)? {
         schema.accepts_events_from(&old).map_err(Error::SchemaChange)?;
