@@ -63,6 +63,9 @@ pub struct ClientConfig {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Rows asked per receive page (default 1000).
     pub page_limit: u32,
+    /// Pages a receive asks the server to stream in one answer (default 16; 1: one request per
+    /// page). The server works on the next page while the device stores the one it got.
+    pub pages_per_request: u32,
     /// Base URL of the blob endpoints when they are served elsewhere (default: `server_url`).
     pub blob_url: Option<String>,
     /// When received blobs are downloaded (default lazy: on first access).
@@ -82,6 +85,7 @@ impl ClientConfig {
             request_timeout: transport::DEFAULT_TIMEOUT,
             extra_ca_pem: None,
             page_limit: DEFAULT_PAGE_LIMIT,
+            pages_per_request: DEFAULT_PAGES_PER_REQUEST,
             blob_url: None,
             blob_policy: BlobPolicy::default(),
             blob_chunk_bytes: DEFAULT_BLOB_CHUNK_BYTES,
@@ -94,6 +98,9 @@ pub const DEFAULT_BLOB_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// Default number of rows asked per receive page.
 pub const DEFAULT_PAGE_LIMIT: u32 = 1000;
+
+/// Default number of pages a receive asks to have streamed in one answer.
+pub const DEFAULT_PAGES_PER_REQUEST: u32 = 16;
 
 type Running = Mutex<Option<HashSet<PathBuf>>>;
 
@@ -373,11 +380,30 @@ impl Client {
         }
     }
 
-    /// Fetches the page at `cursor`, as the receive machine takes the outcome.
-    async fn fetch_input(&self, cursor: &Cursor) -> engine::receive::Input {
+    /// Fetches the page at `cursor`, as the receive machine takes the outcome: the next page of
+    /// the answer being streamed when it continues there, else the first of a new answer. An
+    /// answer that ended or was cut is replaced by a new request from `cursor`, so an
+    /// interrupted stream costs no page.
+    async fn fetch_input(&self, stream: &mut Option<transport::PageStream>, cursor: &Cursor) -> engine::receive::Input {
         use engine::receive::Input as Ri;
-        match self.transport.fetch_page(cursor, self.config.page_limit).await {
-            Ok((page, bytes)) => Ri::PageArrived { page, bytes },
+        if let Some(open) = stream.as_mut().filter(|s| s.continues_at(cursor))
+            && let Ok(Some((page, bytes))) = open.next_page().await
+        {
+            return Ri::PageArrived { page, bytes };
+        }
+        *stream = None;
+        let opened = self.transport.open_pages(cursor, self.config.page_limit, self.config.pages_per_request.max(1));
+        let mut open = match opened.await {
+            Ok(open) => open,
+            Err(UploadError::Refused(body)) => return Ri::Refused(body),
+            Err(UploadError::Transport(reason)) => return Ri::TransportFailed(reason),
+        };
+        match open.next_page().await {
+            Ok(Some((page, bytes))) => {
+                *stream = Some(open);
+                Ri::PageArrived { page, bytes }
+            }
+            Ok(None) => Ri::TransportFailed("the server answered without a page".into()),
             Err(UploadError::Refused(body)) => Ri::Refused(body),
             Err(UploadError::Transport(reason)) => Ri::TransportFailed(reason),
         }
@@ -557,10 +583,11 @@ impl Client {
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
         let mut machine = ReceiveMachine::new(policy, state.fetch_cursor(), state.complete, rows_total);
         let mut command = machine.start();
+        let mut stream = None;
         use engine::receive::{Command as Rc, Input as Ri};
         loop {
             command = match command {
-                Rc::Fetch { cursor } => machine.step(self.fetch_input(&cursor).await),
+                Rc::Fetch { cursor } => machine.step(self.fetch_input(&mut stream, &cursor).await),
                 Rc::StageAndFetch { page, next } => {
                     // The page is staged on a blocking thread, so the next page's request goes
                     // out meanwhile and the server works on it while the device stages.
@@ -573,7 +600,7 @@ impl Client {
                         }
                         Ok::<_, Error>(())
                     };
-                    let (staged, fetched) = tokio::join!(stage, self.fetch_input(&next));
+                    let (staged, fetched) = tokio::join!(stage, self.fetch_input(&mut stream, &next));
                     staged?;
                     machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, POSTCARD_MEDIA_TYPE};
+use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, FrameReader, POSTCARD_MEDIA_TYPE};
 use ferry_protocol::{Batch, BatchResult, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, Schema};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
@@ -141,6 +141,32 @@ impl Transport {
         self.get_decoded(url).await
     }
 
+    /// `GET /v1/changes?cursor=…&limit=…&pages=…`: up to `pages` consecutive pages from `cursor`
+    /// in one streamed answer, read with [`PageStream::next_page`]. A server that does not stream
+    /// answers with one page, which the stream yields alone.
+    pub async fn open_pages(&self, cursor: &Cursor, limit: u32, pages: u32) -> Result<PageStream, UploadError> {
+        let (limit, count) = (limit.to_string(), pages.to_string());
+        let query = [("cursor", cursor.0.as_str()), ("limit", limit.as_str()), ("pages", count.as_str())];
+        let url = self.url_with_query("/v1/changes", &query)?;
+        let mut req = self.http.get(url).header(ACCEPT, POSTCARD_MEDIA_TYPE);
+        if let Some(token) = &self.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let resp = req.send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+            return Err(refusal(status, &bytes));
+        }
+        let framed = resp.headers().get(PAGE_STREAM_HEADER).is_some_and(|v| v.as_bytes() == b"1");
+        Ok(PageStream {
+            encoding: response_encoding(&resp),
+            resp: Some(resp),
+            frames: framed.then(|| FrameReader::new(DEFAULT_MAX_MESSAGE_BYTES)),
+            continues_at: Some(cursor.clone()),
+        })
+    }
+
     fn url_with_query(&self, path: &str, query: &[(&str, &str)]) -> Result<reqwest::Url, UploadError> {
         let mut url = reqwest::Url::parse(&format!("{}{path}", self.base_url))
             .map_err(|e| UploadError::Transport(format!("invalid server URL: {e}")))?;
@@ -164,6 +190,67 @@ impl Transport {
                 .map_err(|e| UploadError::Transport(format!("unreadable answer: {e}")));
         }
         Err(refusal(status, &bytes))
+    }
+}
+
+/// Response header of a streamed page answer (see the server's `GET /v1/changes?pages=…`).
+pub const PAGE_STREAM_HEADER: &str = "ferry-page-stream";
+
+/// The pages of one `GET /v1/changes` answer, read one at a time as they arrive.
+#[derive(Debug)]
+pub struct PageStream {
+    encoding: Encoding,
+    /// The answer being read; `None` once it is used up.
+    resp: Option<reqwest::Response>,
+    /// Splits a streamed answer into pages; `None` for a one-page answer.
+    frames: Option<FrameReader>,
+    /// The cursor of the page this stream yields next, while it may yield one.
+    continues_at: Option<Cursor>,
+}
+
+impl PageStream {
+    /// Whether the next page of this stream is the page at `cursor`.
+    pub fn continues_at(&self, cursor: &Cursor) -> bool {
+        self.continues_at.as_ref() == Some(cursor)
+    }
+
+    /// The next page and its encoded size; `None` when the answer holds no more pages. An answer
+    /// cut inside a page is a transport error: the pages before it were complete.
+    pub async fn next_page(&mut self) -> Result<Option<(ChangePage, u64)>, UploadError> {
+        let page = self.read_page().await;
+        self.continues_at = match &page {
+            Ok(Some((page, _))) if !page.last => Some(page.next.clone()),
+            _ => None,
+        };
+        page
+    }
+
+    async fn read_page(&mut self) -> Result<Option<(ChangePage, u64)>, UploadError> {
+        let Some(resp) = self.resp.as_mut() else { return Ok(None) };
+        let unreadable = |e: ferry_protocol::CodecError| UploadError::Transport(format!("unreadable answer: {e}"));
+        let Some(frames) = self.frames.as_mut() else {
+            let resp = self.resp.take().ok_or_else(|| UploadError::Transport("answer already read".into()))?;
+            let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+            let page = self.encoding.decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES).map_err(unreadable)?;
+            return Ok(Some((page, bytes.len() as u64)));
+        };
+        loop {
+            if let Some(frame) = frames.next_frame().map_err(unreadable)? {
+                let page = self.encoding.decode(frame, DEFAULT_MAX_MESSAGE_BYTES).map_err(unreadable)?;
+                return Ok(Some((page, frame.len() as u64)));
+            }
+            match resp.chunk().await.map_err(|e| UploadError::Transport(e.to_string()))? {
+                Some(chunk) => frames.push(&chunk),
+                None if frames.partial_bytes() > 0 => {
+                    self.resp = None;
+                    return Err(UploadError::Transport("the page stream was cut inside a page".into()));
+                }
+                None => {
+                    self.resp = None;
+                    return Ok(None);
+                }
+            }
+        }
     }
 }
 

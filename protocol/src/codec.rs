@@ -162,3 +162,69 @@ struct JsonFrame<T> {
 struct VersionProbe {
     protocol: u64,
 }
+
+/// Bytes of the length prefix in front of each message of a stream.
+pub const FRAME_PREFIX_BYTES: usize = 4;
+
+impl Encoding {
+    /// Encodes a message as one frame of a stream: its encoded length as a 4-byte big-endian
+    /// integer, then the message as [`Encoding::encode`] writes it.
+    pub fn encode_frame<T: Serialize>(self, message: &T) -> Result<Vec<u8>, CodecError> {
+        let message = self.encode(message)?;
+        let len = u32::try_from(message.len())
+            .map_err(|_| CodecError::Encode(format!("a frame of {} bytes is too large", message.len())))?;
+        let mut out = Vec::with_capacity(FRAME_PREFIX_BYTES + message.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&message);
+        Ok(out)
+    }
+}
+
+/// Splits a stream of frames (see [`Encoding::encode_frame`]) arriving in chunks of any size
+/// back into messages. A frame whose prefix announces more than the limit is refused before its
+/// bytes are awaited; bytes left over when the stream ends are a truncated frame.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    limit: usize,
+}
+
+impl FrameReader {
+    /// A reader of frames of at most `limit` bytes each (prefix not counted).
+    pub fn new(limit: usize) -> Self {
+        FrameReader { buf: Vec::new(), start: 0, limit }
+    }
+
+    /// Adds the next chunk of the stream.
+    pub fn push(&mut self, chunk: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete frame's message bytes, if one is complete.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, CodecError> {
+        let rest = &self.buf[self.start..];
+        let Some(prefix) = rest.first_chunk::<FRAME_PREFIX_BYTES>() else { return Ok(None) };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > self.limit {
+            return Err(CodecError::TooLarge { size: len, limit: self.limit });
+        }
+        let end = FRAME_PREFIX_BYTES + len;
+        if rest.len() < end {
+            return Ok(None);
+        }
+        let at = self.start + FRAME_PREFIX_BYTES;
+        self.start += end;
+        Ok(Some(&self.buf[at..at + len]))
+    }
+
+    /// Bytes received and not yet returned as frames (non-zero once [`FrameReader::next_frame`]
+    /// has nothing more at the end of a stream: the stream was cut inside a frame).
+    pub fn partial_bytes(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}

@@ -169,6 +169,50 @@ proptest! {
     fn change_pages_round_trip(page in arb_page()) { round_trip(&page); }
 
     #[test]
+    fn page_streams_split_back_into_their_pages_however_they_are_chunked(
+        pages in prop::collection::vec(arb_page(), 1..5),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        for encoding in [Encoding::Postcard, Encoding::Json] {
+            let stream: Vec<u8> = pages.iter().flat_map(|p| encoding.encode_frame(p).unwrap()).collect();
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.push(0);
+            at.push(stream.len());
+            at.sort_unstable();
+            let mut reader = codec::FrameReader::new(LIMIT);
+            let mut back = Vec::new();
+            for pair in at.windows(2) {
+                reader.push(&stream[pair[0]..pair[1]]);
+                while let Some(frame) = reader.next_frame().unwrap() {
+                    back.push(encoding.decode::<ChangePage>(frame, LIMIT).unwrap());
+                }
+            }
+            prop_assert_eq!(&back, &pages);
+            prop_assert_eq!(reader.partial_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn a_page_stream_cut_inside_a_frame_keeps_the_complete_pages_and_reports_the_rest(
+        pages in prop::collection::vec(arb_page(), 1..4),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let frames: Vec<Vec<u8>> = pages.iter().map(|p| Encoding::Postcard.encode_frame(p).unwrap()).collect();
+        let stream = frames.concat();
+        let cut = cut.index(stream.len());
+        let mut reader = codec::FrameReader::new(LIMIT);
+        reader.push(&stream[..cut]);
+        let mut complete = 0;
+        while let Some(frame) = reader.next_frame().unwrap() {
+            prop_assert_eq!(&Encoding::Postcard.decode::<ChangePage>(frame, LIMIT).unwrap(), &pages[complete]);
+            complete += 1;
+        }
+        let whole: usize = frames.iter().take(complete).map(Vec::len).sum();
+        prop_assert!(complete < pages.len(), "a cut stream never yields every page");
+        prop_assert_eq!(reader.partial_bytes(), cut - whole);
+    }
+
+    #[test]
     fn log_entries_round_trip(event in arb_event(), seq in any::<u64>()) {
         round_trip(&LogEntry::Event(event));
         round_trip(&LogEntry::Checkpoint(Checkpoint { seq }));
@@ -394,4 +438,19 @@ fn blob_addresses_are_the_sha256_of_the_content() {
     let piecewise = BlobRef::address_of(&big[..]).unwrap();
     use sha2::Digest as _;
     assert_eq!(piecewise, hex::encode(sha2::Sha256::digest(&big)));
+}
+
+#[test]
+fn a_frame_announcing_more_than_the_limit_is_refused_before_its_bytes_arrive() {
+    let mut reader = codec::FrameReader::new(100);
+    reader.push(&101u32.to_be_bytes());
+    assert_eq!(reader.next_frame(), Err(CodecError::TooLarge { size: 101, limit: 100 }));
+    let mut reader = codec::FrameReader::new(100);
+    reader.push(&[0, 0]);
+    assert_eq!(reader.next_frame(), Ok(None), "half a prefix is not a frame yet");
+    reader.push(&[0, 3, b'a', b'b']);
+    assert_eq!(reader.next_frame(), Ok(None));
+    reader.push(b"c");
+    assert_eq!(reader.next_frame(), Ok(Some(&b"abc"[..])));
+    assert_eq!(reader.partial_bytes(), 0);
 }

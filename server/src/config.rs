@@ -96,6 +96,9 @@ pub struct Limits {
     /// Approximate byte budget of one page.
     #[arg(long, env = "FERRY_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_page_bytes: usize,
+    /// Most pages a device may ask to have streamed in one response.
+    #[arg(long, env = "FERRY_MAX_STREAM_PAGES", default_value_t = 64)]
+    pub max_stream_pages: usize,
     /// Longest a request may take, in seconds, before it is abandoned (and rolled back) with 408.
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub request_timeout_secs: u64,
@@ -114,6 +117,7 @@ impl Default for Limits {
             max_batch_events: 10_000,
             max_page_rows: 10_000,
             max_page_bytes: 4 * 1024 * 1024,
+            max_stream_pages: 64,
             request_timeout_secs: 60,
             max_blob_bytes: 2 * 1024 * 1024 * 1024,
             max_chunk_bytes: 16 * 1024 * 1024,

@@ -197,12 +197,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 shutdown_signal().await;
                 stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
             });
-            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(app.into_make_service()).await?;
+            // TCP_NODELAY on every connection (here and below): a streamed answer's last small
+            // segment must not wait for the device's delayed acknowledgement (up to 40 ms).
+            let acceptor =
+                axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(axum_server::accept::NoDelayAcceptor::new());
+            axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle).serve(app.into_make_service()).await?;
         }
         _ => {
             tracing::info!(%addr, "ferry-server listening");
             println!("listening on http://{addr}");
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            use axum::serve::ListenerExt as _;
+            let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY could not be set on a connection");
+                }
+            });
             axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
         }
     }

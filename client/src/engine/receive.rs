@@ -1,7 +1,8 @@
 //! The receive state machine (R9, R11). Pure: it never touches the network or the database; the
 //! driver (`Client::receive`) performs its commands and feeds back what happened.
 //!
-//! Pages are fetched one at a time; each page is staged durably (together with the cursor of the
+//! Pages are asked for one at a time (the driver reads them from a streamed answer of many pages
+//! when the server sends one); each page is staged durably (together with the cursor of the
 //! next page) while the next one is fetched, so an interrupted receive resumes after the last
 //! complete page, and the device's staging overlaps the server's work on the next page. When the last page is staged, everything staged is applied in one local
 //! transaction. A transport failure re-asks the same page after a backoff; `cursor_expired`

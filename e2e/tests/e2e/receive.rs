@@ -228,8 +228,10 @@ backend_tests! {
         seed_customers(&site, 1, 200).await;
         site.settle().await;
         let proxy = Proxy::in_front_of(&site.server.url).await.unwrap();
+        // One page per request, so each page's bytes on the wire are known.
         let config = |attempts: u32| ferry_client::ClientConfig {
             page_limit: 20,
+            pages_per_request: 1,
             max_attempts: attempts,
             ..site.config(&proxy.url(), "alice")
         };
@@ -288,6 +290,36 @@ backend_tests! {
         let state = dev.receive_state().unwrap();
         assert_eq!((state.staged_pages, state.resume.is_none()), (0, true), "{state:?}");
         assert!(!state.cursor.0.is_empty(), "{state:?}");
+        assert_eq!(dump(&dev), dump(&reference), "the end state equals an uninterrupted receive");
+    }
+
+    // 4a'. A streamed answer (many pages in one response) cut in the middle: the pages before
+    //      the cut stay, and the device asks for the rest from the next page with a new request,
+    //      without counting a failed attempt and without fetching any page twice.
+    async fn a_cut_page_stream_continues_from_the_next_page_with_a_new_request(backend) {
+        let Some(site) = Site::start(backend, &[]).await else { return };
+        seed_customers(&site, 1, 200).await;
+        site.settle().await;
+        let proxy = Proxy::in_front_of(&site.server.url).await.unwrap();
+        let config = ferry_client::ClientConfig {
+            page_limit: 20,
+            pages_per_request: 64,
+            max_attempts: 1,
+            ..site.config(&proxy.url(), "alice")
+        };
+        let reference = site.device_with("ref", config.clone());
+        let start = proxy.response_bytes();
+        let full = reference.receive().await.unwrap();
+        let stream_bytes = proxy.response_bytes() - start;
+        assert!(full.pages >= 10, "200 rows at 20 a page: {full:?}");
+
+        // Cut the same receive half-way through its one answer.
+        proxy.cut_responses_at(proxy.response_bytes() + stream_bytes / 2);
+        let dev = site.device_with("d", config);
+        let report = dev.receive().await.unwrap();
+        assert_eq!(proxy.stats().faults, 1);
+        assert_eq!(report.pages, full.pages, "no page fetched twice: {report:?}");
+        assert_eq!(report.rows_upserted, 200);
         assert_eq!(dump(&dev), dump(&reference), "the end state equals an uninterrupted receive");
     }
 

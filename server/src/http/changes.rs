@@ -1,10 +1,22 @@
 //! Receive endpoints: `GET /v1/changes/estimate` and `GET /v1/changes`.
+//!
+//! `GET /v1/changes?pages=P` (P > 1) streams up to P consecutive pages in one response, each a
+//! frame of the negotiated encoding ([`Encoding::encode_frame`]), marked by the
+//! [`PAGE_STREAM_HEADER`] header. The first page is read before the answer starts, so a bad cursor
+//! still gets its status; each next page is read while the previous one is on the wire, so the
+//! server works on the next page while the device stores this one. A failure after the first
+//! page ends the stream early (the device asks again from the last page it got, and hears the
+//! error then). When the device accepts zstd the stream is one zstd stream flushed after each
+//! page, so every page reaches the device as soon as it is read.
 
 use axum::Router;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use ferry_protocol::{ChangePage, ErrorCode, Estimate};
+use ferry_protocol::{ChangePage, Encoding, ErrorCode, Estimate};
 use serde::Deserialize;
 
 use super::AppState;
@@ -22,7 +34,16 @@ struct Params {
     #[serde(default)]
     cursor: String,
     limit: Option<usize>,
+    /// Most pages to stream in this response (default 1: one page, not framed).
+    pages: Option<usize>,
 }
+
+/// Response header marking a body of length-prefixed page frames (value `1`).
+pub const PAGE_STREAM_HEADER: &str = "ferry-page-stream";
+
+/// Encoded pages buffered between the page reader and the connection: enough for the next page
+/// to be ready when the connection wants it, few enough to hold little for a slow device.
+const STREAM_BUFFER_PAGES: usize = 2;
 
 fn params(query: Result<Query<Params>, QueryRejection>) -> Result<Params, ApiError> {
     query.map(|Query(p)| p).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))
@@ -41,21 +62,126 @@ async fn changes(
     State(state): State<AppState>,
     user: User,
     Accepts(encoding): Accepts,
+    headers: HeaderMap,
     query: Result<Query<Params>, QueryRejection>,
-) -> Result<Reply<ChangePage>, ApiError> {
+) -> Result<Response, ApiError> {
     let params = params(query)?;
     let max = state.limits.max_page_rows;
     let limit = params.limit.unwrap_or(1000);
     if limit > max {
         return Err(ApiError::too_large("the page limit", max as u64));
     }
+    let pages = params.pages.unwrap_or(1).max(1);
+    let max_pages = state.limits.max_stream_pages;
+    if pages > max_pages {
+        return Err(ApiError::too_large("the pages asked for one response", max_pages as u64));
+    }
     let page =
         feed::page(&state.store, &state.schema.schema, &user, &params.cursor, limit, state.limits.max_page_bytes)
             .await?;
+    count_rows(&page);
+    if pages == 1 {
+        return Ok(Reply(encoding, page).into_response());
+    }
+    let compress = accepts_zstd(&headers);
+    let (frames, received) = tokio::sync::mpsc::channel(STREAM_BUFFER_PAGES);
+    tokio::spawn(stream_pages(state, user, PageStream { encoding, compress, limit, pages }, page, frames));
+    let mut response = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(received)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(encoding.media_type()));
+    headers.insert(PAGE_STREAM_HEADER, HeaderValue::from_static("1"));
+    if compress {
+        // Set here, so the compression layer leaves the body alone.
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+    }
+    Ok(response)
+}
+
+/// How one streamed answer is written.
+struct PageStream {
+    encoding: Encoding,
+    /// zstd-compress the stream (the device accepts it), flushed after every page.
+    compress: bool,
+    /// Rows per page.
+    limit: usize,
+    /// Most pages in the answer.
+    pages: usize,
+}
+
+/// Whether an `Accept-Encoding` header accepts zstd.
+fn accepts_zstd(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            parts.next().is_some_and(|name| name.eq_ignore_ascii_case("zstd"))
+                && !parts.any(|p| p.strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok()) == Some(0.0))
+        },
+    )
+}
+
+type Frames = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Writes `first` and up to `pages - 1` further pages into `frames`, stopping after the last page,
+/// at the first error (logged) or when the device hangs up. A compressed stream is flushed after
+/// each page: tower-http's compression layer would hold a page back until more bytes follow it.
+async fn stream_pages(state: AppState, user: User, how: PageStream, first: ChangePage, frames: Frames) {
+    let mut zstd = match how.compress {
+        true => match zstd::stream::write::Encoder::new(Vec::new(), ferry_protocol::codec::ZSTD_LEVEL) {
+            Ok(encoder) => Some(encoder),
+            Err(e) => return tracing::error!(error = %e, "no zstd encoder for a page stream"),
+        },
+        false => None,
+    };
+    let mut page = first;
+    for sent in 1..=how.pages {
+        let bytes = match encoded(how.encoding, zstd.as_mut(), &page) {
+            Ok(bytes) => bytes,
+            Err(e) => return tracing::error!(error = %e, "a page could not be encoded; the page stream stops"),
+        };
+        if frames.send(Ok(bytes.into())).await.is_err() {
+            return; // the device hung up
+        }
+        if page.last || sent == how.pages {
+            break;
+        }
+        let schema = &state.schema.schema;
+        let max_bytes = state.limits.max_page_bytes;
+        page = match feed::page(&state.store, schema, &user, &page.next.0, how.limit, max_bytes).await {
+            Ok(next) => next,
+            Err(e) => {
+                // The device asks again from the last page it got, and hears the error then.
+                return tracing::warn!(error = %e, "a page stream stopped early");
+            }
+        };
+        count_rows(&page);
+    }
+    if let Some(encoder) = zstd {
+        match encoder.finish() {
+            Ok(tail) => {
+                let _ = frames.send(Ok(tail.into())).await;
+            }
+            Err(e) => tracing::error!(error = %e, "a page stream's compression could not be finished"),
+        }
+    }
+}
+
+/// One page as the stream's next bytes: its frame, compressed and flushed when asked.
+fn encoded(
+    encoding: Encoding,
+    zstd: Option<&mut zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    page: &ChangePage,
+) -> Result<Vec<u8>, String> {
+    let frame = encoding.encode_frame(page).map_err(|e| e.to_string())?;
+    let Some(encoder) = zstd else { return Ok(frame) };
+    use std::io::Write as _;
+    encoder.write_all(&frame).and_then(|()| encoder.flush()).map_err(|e| e.to_string())?;
+    Ok(std::mem::take(encoder.get_mut()))
+}
+
+fn count_rows(page: &ChangePage) {
     let upserts: usize = page.upserts.iter().map(|g| g.rows.len()).sum();
     metrics::counter!("ferry_rows_received_total", "kind" => "upsert").increment(upserts as u64);
     metrics::counter!("ferry_rows_received_total", "kind" => "removal").increment(page.removals.len() as u64);
-    Ok(Reply(encoding, page))
 }
 
 async fn estimate(
