@@ -35,6 +35,12 @@ columns = [
 ]
 
 [[table]]
+name = "cell"
+primary_key = ["x", "y"]
+scope = "everyone"
+columns = [{ name = "x", type = "integer", nullable = false }, { name = "y", type = "integer", nullable = false }]
+
+[[table]]
 name = "word"
 primary_key = ["w"]
 scope = { claim = { column = "owner", claim = "sub" } }
@@ -160,6 +166,23 @@ backend_tests! {
         assert_eq!(status, StatusCode::OK);
         let estimate: Estimate = Encoding::Postcard.decode(&body, 1 << 20).unwrap();
         assert_eq!((estimate.rows, estimate.full), (25, true));
+    }
+
+    async fn a_snapshot_serves_each_rows_feed_version_for_a_key_of_several_integers(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.sql("INSERT INTO cell (x, y) VALUES (2, -1), (1, 10), (1, 9), (-3, 4)").await;
+        h.sql("UPDATE cell SET y = y WHERE x = 1 AND y = 9").await;
+        let (pages, rows) = h.full_receive("alice", 3).await;
+        let expected = vec![vec![int(-3), int(4)], vec![int(1), int(9)], vec![int(1), int(10)], vec![int(2), int(-1)]];
+        assert_snapshot(backend, &rows, "cell", &expected, "key order");
+        // full_receive checks every version is non-zero; each is the one the feed holds.
+        for group in pages.iter().flat_map(|p| &p.upserts).filter(|g| g.table == "cell") {
+            for (row, version) in group.rows.iter().zip(&group.versions) {
+                let (Value::Integer(x), Value::Integer(y)) = (&row[0], &row[1]) else { panic!("{row:?}") };
+                let sql = format!("SELECT version FROM ferry_rows WHERE tbl = 'cell' AND (pk = '[{x},{y}]' OR pk = '[{x}, {y}]')");
+                assert_eq!(*version, h.state.store.query_i64(&sql).await.unwrap() as u64, "{row:?}");
+            }
+        }
     }
 
     async fn a_snapshot_pages_composite_and_text_keys_in_key_order(backend) {
