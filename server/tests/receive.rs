@@ -276,8 +276,21 @@ backend_tests! {
         let mut rest = Copy::new();
         let mut resumed = cursor.clone();
         let later = h.receive("alice", &mut rest, &mut resumed, 10).await;
-        let seen: usize = rows_in(&first) + rows_in(&later);
-        assert_eq!(seen, uninterrupted.len(), "no page fetched twice, none skipped");
+        // Every row arrives, none twice; except on PostgreSQL, where a transaction open elsewhere
+        // in the cluster can hold the snapshot's upper position below rows written before the
+        // receive, which its catch-up then sends again. (Every received table has a key `id`,
+        // its first column.)
+        let keys = |pages: &[ChangePage]| -> Vec<(String, String)> {
+            let groups = pages.iter().flat_map(|p| &p.upserts);
+            groups.flat_map(|g| g.rows.iter().map(move |r| (g.table.clone(), r[0].to_string()))).collect()
+        };
+        let (before, after) = (keys(&first), keys(&later));
+        let seen: std::collections::BTreeSet<_> = before.iter().chain(&after).cloned().collect();
+        let expected: std::collections::BTreeSet<_> = uninterrupted.keys().cloned().collect();
+        assert_eq!(seen, expected, "every row arrives");
+        if backend == Backend::Sqlite {
+            assert_eq!(before.len() + after.len(), expected.len(), "no page fetched twice, none skipped");
+        }
     }
 
     async fn bad_cursors_and_limits_get_typed_errors(backend) {
@@ -331,12 +344,17 @@ backend_tests! {
                 streamed.push(Encoding::Postcard.decode::<ChangePage>(frame, 1 << 26).unwrap());
             }
             assert_eq!(frames.partial_bytes(), 0);
-            // Compared without `next`: where a snapshot ends, the catch-up's range ends at the feed
-            // head of that moment, which other databases' transactions move on PostgreSQL.
-            let content = |p: &ChangePage| (p.full, p.upserts.clone(), p.removals.clone(), p.last);
-            let expected: Vec<_> = one_by_one[1..].iter().take(pages).map(content).collect();
-            let streamed: Vec<_> = streamed.iter().map(content).collect();
-            assert_eq!(streamed, expected, "{pages} pages asked; the stream stops after the last page");
+            // The snapshot's pages are compared whole. Where the snapshot ends, the catch-up's range
+            // ends at the feed head of that moment, which other databases' transactions move on
+            // PostgreSQL (and with it what the catch-up sends again): those pages are not compared.
+            let snapshot = one_by_one[1..].iter().take_while(|p| p.next.0.starts_with("p.k.")).count();
+            let compared = pages.min(snapshot);
+            assert_eq!(streamed[..compared], one_by_one[1..=compared], "{pages} pages asked");
+            if pages > one_by_one.len() {
+                assert!(streamed.last().unwrap().last, "a stream stops after the last page");
+            } else {
+                assert_eq!(streamed.len(), pages);
+            }
         }
         let (status, body) = h.get("alice", "/v1/changes?limit=4&pages=65").await;
         let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();

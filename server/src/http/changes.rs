@@ -122,7 +122,8 @@ fn accepts_zstd(headers: &HeaderMap) -> bool {
 type Frames = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// Writes `first` and up to `pages - 1` further pages into `frames`, stopping after the last page,
-/// at the first error (logged) or when the device hangs up. A compressed stream is flushed after
+/// at the first error (logged) or when the device hangs up; each next page is read while the
+/// previous one is encoded and sent. A compressed stream is flushed after
 /// each page: tower-http's compression layer would hold a page back until more bytes follow it.
 async fn stream_pages(state: AppState, user: User, how: PageStream, first: ChangePage, frames: Frames) {
     let mut zstd = match how.compress {
@@ -132,23 +133,32 @@ async fn stream_pages(state: AppState, user: User, how: PageStream, first: Chang
         },
         false => None,
     };
+    let (schema, max_bytes) = (&state.schema.schema, state.limits.max_page_bytes);
     let mut page = first;
     for sent in 1..=how.pages {
-        let bytes = match encoded(how.encoding, zstd.as_mut(), &page) {
-            Ok(bytes) => bytes,
-            Err(e) => return tracing::error!(error = %e, "a page could not be encoded; the page stream stops"),
+        let more = !page.last && sent < how.pages;
+        // The next page is read (on the database's side) while this one is encoded and sent.
+        let read_next = async {
+            match more {
+                true => Some(feed::page(&state.store, schema, &user, &page.next.0, how.limit, max_bytes).await),
+                false => None,
+            }
         };
-        if frames.send(Ok(bytes.into())).await.is_err() {
-            return; // the device hung up
-        }
-        if page.last || sent == how.pages {
-            break;
-        }
-        let schema = &state.schema.schema;
-        let max_bytes = state.limits.max_page_bytes;
-        page = match feed::page(&state.store, schema, &user, &page.next.0, how.limit, max_bytes).await {
-            Ok(next) => next,
-            Err(e) => {
+        let deliver = async {
+            match encoded(how.encoding, zstd.as_mut(), &page) {
+                Ok(bytes) => frames.send(Ok(bytes.into())).await.is_ok(), // false: the device hung up
+                Err(e) => {
+                    tracing::error!(error = %e, "a page could not be encoded; the page stream stops");
+                    false
+                }
+            }
+        };
+        let (next, delivered) = tokio::join!(read_next, deliver);
+        page = match (delivered, next) {
+            (false, _) => return,
+            (true, None) => break,
+            (true, Some(Ok(next))) => next,
+            (true, Some(Err(e))) => {
                 // The device asks again from the last page it got, and hears the error then.
                 return tracing::warn!(error = %e, "a page stream stopped early");
             }
