@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, FrameReader, POSTCARD_MEDIA_TYPE};
+use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, FrameReader, PAGE_STREAM_HEADER, POSTCARD_MEDIA_TYPE};
 use ferry_protocol::{Batch, BatchResult, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, Schema};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
@@ -192,9 +192,6 @@ impl Transport {
         Err(refusal(status, &bytes))
     }
 }
-
-/// Response header of a streamed page answer (see the server's `GET /v1/changes?pages=…`).
-pub const PAGE_STREAM_HEADER: &str = "ferry-page-stream";
 
 /// The pages of one `GET /v1/changes` answer, read one at a time as they arrive.
 #[derive(Debug)]

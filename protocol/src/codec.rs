@@ -163,6 +163,10 @@ struct VersionProbe {
     protocol: u64,
 }
 
+/// Response header marking a body of length-prefixed page frames (value `1`): the answer to
+/// `GET /v1/changes?pages=…` (P > 1).
+pub const PAGE_STREAM_HEADER: &str = "ferry-page-stream";
+
 /// Bytes of the length prefix in front of each message of a stream.
 pub const FRAME_PREFIX_BYTES: usize = 4;
 

@@ -16,6 +16,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use ferry_protocol::codec::PAGE_STREAM_HEADER;
 use ferry_protocol::{ChangePage, Encoding, ErrorCode, Estimate};
 use serde::Deserialize;
 
@@ -37,9 +38,6 @@ struct Params {
     /// Most pages to stream in this response (default 1: one page, not framed).
     pages: Option<usize>,
 }
-
-/// Response header marking a body of length-prefixed page frames (value `1`).
-pub const PAGE_STREAM_HEADER: &str = "ferry-page-stream";
 
 /// Encoded pages buffered between the page reader and the connection: enough for the next page
 /// to be ready when the connection wants it, few enough to hold little for a slow device.

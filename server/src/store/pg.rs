@@ -153,15 +153,39 @@ CREATE OR REPLACE TRIGGER ferry_capture_delete AFTER DELETE ON {t}
 }
 
 /// Test support: creates an empty database next to the one `base_url` names and returns its
-/// URL, so every test (and every e2e server) gets a database of its own.
+/// URL, so every test (and every e2e server) gets a database of its own. Scratch databases older
+/// than [`SCRATCH_MAX_AGE`] (no test runs that long) are dropped first, so runs do not pile them up.
 pub async fn create_scratch_database(base_url: &str) -> Result<String, StoreError> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(base_url).await?;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'ferry\\_test\\_%'")
+            .fetch_all(&mut conn)
+            .await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    for stale in names.iter().filter(|n| scratch_age(n, now).is_some_and(|age| age > SCRATCH_MAX_AGE)) {
+        // A database still in use cannot be dropped: that one stays.
+        if let Err(e) = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {stale}"))).execute(&mut conn).await
+        {
+            tracing::debug!(error = %e, database = %stale, "a stale scratch database stays");
+        }
+    }
     let name = format!("ferry_test_{}", uuid::Uuid::now_v7().simple());
     sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
     let (prefix, _) = base_url.rsplit_once('/').ok_or_else(|| StoreError::UnsupportedUrl(base_url.into()))?;
     let query = base_url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
     Ok(format!("{prefix}/{name}{query}"))
+}
+
+/// Scratch databases older than this are dropped when the next one is made.
+pub const SCRATCH_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// How long ago the scratch database `name` (`ferry_test_<UUIDv7>`) was made, at `now` (time since
+/// the Unix epoch); `None` for any other name.
+pub fn scratch_age(name: &str, now: std::time::Duration) -> Option<std::time::Duration> {
+    let id = uuid::Uuid::try_parse(name.strip_prefix("ferry_test_")?).ok()?;
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    now.checked_sub(std::time::Duration::new(secs, nanos))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,5 +622,26 @@ impl super::FeedBackend for PgStore {
     async fn feed_count(&self, sql: String, params: Vec<Param>) -> Result<i64, StoreError> {
         let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&self.pool).await?;
         Ok(row.try_get(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_scratch_database_s_age_comes_from_its_uuidv7_and_other_names_have_none() {
+        let made = Duration::from_secs(1_790_000_000);
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, made.as_secs(), 0);
+        let name = format!("ferry_test_{}", uuid::Uuid::new_v7(ts).simple());
+        let later = made + SCRATCH_MAX_AGE + Duration::from_secs(1);
+        assert_eq!(scratch_age(&name, later), Some(SCRATCH_MAX_AGE + Duration::from_secs(1)));
+        assert_eq!(scratch_age(&name, made - Duration::from_secs(5)), None, "made in the future: keep it");
+        for other in ["test", "ferry_test_", "ferry_test_not-a-uuid", "app_ferry_test_0190"] {
+            assert_eq!(scratch_age(other, later), None, "{other}");
+        }
+        let v4 = format!("ferry_test_{}", uuid::Uuid::new_v4().simple());
+        assert_eq!(scratch_age(&v4, later), None, "no timestamp in a v4 uuid");
     }
 }
