@@ -68,16 +68,11 @@ impl<'a> FeedSql<'a> {
     }
 
     /// The key of alias `a` as the feed's key text (a JSON array, as the capture triggers print it).
-    ///
-    /// On PostgreSQL a key of integers is concatenated (`[1, 2]`, jsonb's spacing): the same text
-    /// as `jsonb_build_array(…)::text` at a third of its cost, which a snapshot pays per row.
     fn key_text(&self, alias: &str, table: &Table) -> String {
         let cols: Vec<_> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
-        let integers = table.primary_key.iter().all(|c| table.column(c).is_some_and(|c| c.ty == ColumnType::Integer));
         match self.backend {
             Backend::Sqlite => format!("json_array({})", cols.join(", ")),
-            Backend::Postgres if integers => format!("('[' || {} || ']') COLLATE \"C\"", cols.join(" || ', ' || ")),
-            Backend::Postgres => format!("(jsonb_build_array({})::text COLLATE \"C\")", cols.join(", ")),
+            Backend::Postgres => format!("({} COLLATE \"C\")", super::pg::key_text(table, &cols)),
         }
     }
 

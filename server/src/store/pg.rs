@@ -81,9 +81,9 @@ impl PgStore {
             let keys: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
             let backfill = format!(
                 "INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
-                 SELECT '{}', jsonb_build_array({})::text, 0, 0, false FROM {} ON CONFLICT DO NOTHING",
+                 SELECT '{}', {}, 0, 0, false FROM {} ON CONFLICT DO NOTHING",
                 table.name,
-                keys.join(", "),
+                key_text(table, &keys),
                 quote(&table.name)
             );
             sqlx::query(AssertSqlSafe(backfill)).execute(&mut *tx).await?;
@@ -102,6 +102,18 @@ impl PgStore {
     }
 }
 
+/// A row's key as the change feed's key text (a JSON array as jsonb prints it: `[1, "a"]`), from
+/// the expressions `cols` of `table`'s key columns. A key of integers is concatenated: the same
+/// text as `jsonb_build_array(…)::text` at a third of its cost, which capture, read-backs and
+/// snapshot pages pay per row.
+pub(crate) fn key_text(table: &Table, cols: &[String]) -> String {
+    let integers = table.primary_key.iter().all(|c| table.column(c).is_some_and(|c| c.ty == ColumnType::Integer));
+    match integers {
+        true => format!("('[' || {} || ']')", cols.join(" || ', ' || ")),
+        false => format!("jsonb_build_array({})::text", cols.join(", ")),
+    }
+}
+
 /// Statement-level capture triggers that keep `ferry_rows` (the change feed) up to date for one
 /// table, for Ferry's writes and anyone else's: one `INSERT … SELECT` over the statement's
 /// transition table, however many rows the statement wrote (a row-level trigger costs a
@@ -113,7 +125,7 @@ fn capture_triggers(table: &Table) -> String {
     let function = quote(&format!("ferry_capture_{name}"));
     let key = |alias: &str| {
         let cols: Vec<_> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
-        format!("jsonb_build_array({})::text", cols.join(", "))
+        key_text(table, &cols)
     };
     let upsert = |deleted: bool| {
         format!(
@@ -233,11 +245,11 @@ fn unnest_select(table: &Table, key_columns: &[&Column]) -> String {
     let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
     let key: Vec<String> = key_columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
     format!(
-        "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = jsonb_build_array({})::text) \
+        "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = {}) \
          FROM {} AS ferry_t WHERE ({}) IN (SELECT * FROM {})",
         names.join(", "),
         table.name,
-        key.join(", "),
+        key_text(table, &key),
         quote(&table.name),
         key.join(", "),
         unnest_arrays(key_columns)
