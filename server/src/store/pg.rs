@@ -190,7 +190,7 @@ pub async fn create_scratch_database(base_url: &str) -> Result<String, StoreErro
 }
 
 /// Scratch databases older than this are dropped when the next one is made.
-pub const SCRATCH_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+pub const SCRATCH_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
 
 /// How long ago the scratch database `name` (`ferry_test_<UUIDv7>`) was made, at `now` (time since
 /// the Unix epoch); `None` for any other name.
