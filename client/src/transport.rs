@@ -70,12 +70,22 @@ impl Transport {
         Ok(Transport { http, base_url: base_url.into().trim_end_matches('/').to_string(), token })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{path}", self.base_url)).header(ACCEPT, POSTCARD_MEDIA_TYPE);
-        if let Some(token) = &self.token {
-            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+    /// `req` with the bearer token, if the transport has one.
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => req.header(AUTHORIZATION, format!("Bearer {token}")),
+            None => req,
         }
-        req
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}{path}", self.base_url);
+        self.authorized(self.http.request(method, url).header(ACCEPT, POSTCARD_MEDIA_TYPE))
+    }
+
+    /// `GET url`, authorized, asking for postcard.
+    fn get(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
+        self.authorized(self.http.get(url).header(ACCEPT, POSTCARD_MEDIA_TYPE))
     }
 
     /// `GET /v1/schema`.
@@ -148,11 +158,7 @@ impl Transport {
         let (limit, count) = (limit.to_string(), pages.to_string());
         let query = [("cursor", cursor.0.as_str()), ("limit", limit.as_str()), ("pages", count.as_str())];
         let url = self.url_with_query("/v1/changes", &query)?;
-        let mut req = self.http.get(url).header(ACCEPT, POSTCARD_MEDIA_TYPE);
-        if let Some(token) = &self.token {
-            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let resp = req.send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        let resp = self.get(url).send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
@@ -175,11 +181,7 @@ impl Transport {
     }
 
     async fn get_decoded<T: DeserializeOwned>(&self, url: reqwest::Url) -> Result<(T, u64), UploadError> {
-        let mut req = self.http.get(url).header(ACCEPT, POSTCARD_MEDIA_TYPE);
-        if let Some(token) = &self.token {
-            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let resp = req.send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
+        let resp = self.get(url).send().await.map_err(|e| UploadError::Transport(e.to_string()))?;
         let status = resp.status();
         let encoding = response_encoding(&resp);
         let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
@@ -296,11 +298,7 @@ impl Transport {
     }
 
     fn blob_request(&self, method: reqwest::Method, sha256: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, self.blob_url(sha256));
-        if let Some(token) = &self.token {
-            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        req
+        self.authorized(self.http.request(method, self.blob_url(sha256)))
     }
 
     /// `HEAD /v1/blobs/{sha256}`: `None` if the server has nothing, else the bytes it holds and
