@@ -15,8 +15,9 @@ use ferry_server::testing::Backend;
 
 const SECRET: &str = "test-secret-test-secret-test-secret!";
 
-/// Received tables, in this order: `item` (integer key), `tag` (text + integer key), `word`
-/// (text key, scoped by owner).
+/// Received tables, in this order: `item` (integer key), `tag` (text + integer key), `cell` (two
+/// integers), two tables with long names alike but for their ends (integer keys), `word` (text
+/// key, scoped by owner).
 const SCHEMA: &str = r#"
 [[table]]
 name = "item"
@@ -39,6 +40,18 @@ name = "cell"
 primary_key = ["x", "y"]
 scope = "everyone"
 columns = [{ name = "x", type = "integer", nullable = false }, { name = "y", type = "integer", nullable = false }]
+
+[[table]]
+name = "sums_of_every_invoice_line_of_every_customer_by_quarter_east"
+primary_key = ["id"]
+scope = "everyone"
+columns = [{ name = "id", type = "integer", nullable = false }]
+
+[[table]]
+name = "sums_of_every_invoice_line_of_every_customer_by_quarter_west"
+primary_key = ["id"]
+scope = "everyone"
+columns = [{ name = "id", type = "integer", nullable = false }]
 
 [[table]]
 name = "word"
@@ -92,7 +105,13 @@ impl Harness {
             assert!(page.full);
             for group in &page.upserts {
                 assert_eq!(group.versions.len(), group.rows.len());
-                assert!(group.versions.iter().all(|v| *v > 0), "versions come from the feed: {:?}", group.versions);
+                assert!(
+                    group.versions.iter().all(|v| *v > 0),
+                    "versions come from the feed: {} {:?} {:?}",
+                    group.table,
+                    group.versions,
+                    group.rows
+                );
                 rows.extend(group.rows.iter().map(|r| (group.table.clone(), r.clone())));
             }
             cursor = page.next.0.clone();
@@ -182,6 +201,40 @@ backend_tests! {
                 let sql = format!("SELECT version FROM ferry_rows WHERE tbl = 'cell' AND (pk = '[{x},{y}]' OR pk = '[{x}, {y}]')");
                 assert_eq!(*version, h.state.store.query_i64(&sql).await.unwrap() as u64, "{row:?}");
             }
+        }
+    }
+
+    async fn a_snapshot_serves_each_integer_keyed_rows_feed_version_whatever_else_the_feed_holds(backend) {
+        let Some(h) = harness(backend).await else { return };
+        const EAST: &str = "sums_of_every_invoice_line_of_every_customer_by_quarter_east";
+        const WEST: &str = "sums_of_every_invoice_line_of_every_customer_by_quarter_west";
+        // Entries of other tables with the same numbers, or with keys that are no numbers at all.
+        h.sql("INSERT INTO tag (ns, n, note) VALUES ('1', 1, 'x'), ('2', 2, 'x')").await;
+        h.sql("INSERT INTO cell (x, y) VALUES (1, 1), (2, 2)").await;
+        h.sql("INSERT INTO word (w, owner) VALUES ('1', 'alice'), ('[2]', 'alice')").await;
+        h.sql("INSERT INTO item (id, label) VALUES (-7, 'a'), (1, 'b'), (2, 'c'), (30, 'd')").await;
+        h.sql(&format!("INSERT INTO {WEST} (id) VALUES (2), (1)")).await;
+        h.sql(&format!("INSERT INTO {EAST} (id) VALUES (1), (2)")).await;
+        // Versions no longer follow insertion order.
+        h.sql("UPDATE item SET label = 'b2' WHERE id = 1").await;
+        h.sql(&format!("UPDATE {WEST} SET id = id WHERE id = 2")).await;
+        let (pages, _) = h.full_receive("alice", 3).await;
+        let mut checked = 0;
+        for group in pages.iter().flat_map(|p| &p.upserts) {
+            if ![("item"), EAST, WEST].contains(&group.table.as_str()) {
+                continue;
+            }
+            for (row, version) in group.rows.iter().zip(&group.versions) {
+                let sql = format!("SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = '[{}]'", group.table, row[0]);
+                assert_eq!(*version, h.state.store.query_i64(&sql).await.unwrap() as u64, "{} {row:?}", group.table);
+                checked += 1;
+            }
+        }
+        assert!(checked >= 8, "every integer-keyed row was served: {checked}");
+        if backend == Backend::Postgres {
+            // Each table keyed by one integer has its own index of those integers, long names too.
+            let indexes = "SELECT count(*) FROM pg_indexes WHERE tablename = 'ferry_rows' AND indexname LIKE 'ferry\\_rows\\_key\\_%'";
+            assert_eq!(h.state.store.query_i64(indexes).await.unwrap(), 3);
         }
     }
 

@@ -252,9 +252,8 @@ impl RowSql {
     }
 
     /// The columns and, last, the change-feed version of the rows with `keys` keys, in one
-    /// query (rows in any order). `key_text` builds the dialect's feed key text from column
-    /// expressions (`json_array(…)`, `jsonb_build_array(…)::text`).
-    pub fn select_with_version(&self, table: &Table, keys: usize, key_text: fn(&[String]) -> String) -> String {
+    /// query (rows in any order), in `backend`'s dialect.
+    pub fn select_with_version(&self, table: &Table, keys: usize, backend: super::Backend) -> String {
         // `ferry_t` cannot clash with a schema identifier (they may not start with `ferry_`).
         let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", super::quote(&c.name))).collect();
         let key: Vec<String> = table.primary_key.iter().map(|c| format!("ferry_t.{}", super::quote(c))).collect();
@@ -266,11 +265,9 @@ impl RowSql {
             })
             .collect();
         format!(
-            "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = {}) \
-             FROM {} AS ferry_t WHERE ({}) IN (VALUES {})",
+            "SELECT {}, {} FROM {} AS ferry_t WHERE ({}) IN (VALUES {})",
             names.join(", "),
-            table.name,
-            key_text(&key),
+            super::version_of(backend, table, "ferry_t"),
             super::quote(&table.name),
             key.join(", "),
             tuples.join(", ")

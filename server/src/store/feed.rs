@@ -255,13 +255,13 @@ impl<'a> FeedSql<'a> {
         let columns: Vec<_> = table.columns.iter().map(|c| format!("t.{}", quote(&c.name))).collect();
         format!(
             "SELECT {pk},
-                    COALESCE((SELECT fr.version FROM ferry_rows fr WHERE fr.tbl = '{name}' AND fr.pk = {pk}), 0),
+                    COALESCE({version}, 0),
                     {yes}, {cols}
              FROM {t} t
              WHERE {filter}
              ORDER BY {order}
              LIMIT {limit}",
-            name = table.name,
+            version = super::version_of(self.backend, table, "t"),
             yes = self.true_sql(),
             cols = columns.join(", "),
             t = quote(&table.name),

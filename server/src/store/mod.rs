@@ -215,6 +215,29 @@ pub(crate) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// The change-feed version of the row at alias `alias` of `table`, as a scalar subquery (NULL
+/// when the row has no entry). On PostgreSQL a table keyed by one integer is searched by that
+/// integer ([`pg::integer_key`]), any other by its key text.
+///
+/// `LIMIT 1` states what the primary key already guarantees, for PostgreSQL's planner: without
+/// statistics on `ferry_rows` (a table just loaded, before autovacuum's first analyze) it expects
+/// a few dozen rows per key and probes with a bitmap scan, which builds a bitmap for every row
+/// looked up and costs several times a plain index scan.
+pub(crate) fn version_of(backend: Backend, table: &ferry_protocol::Table, alias: &str) -> String {
+    let cols: Vec<String> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
+    let lookup = match backend {
+        Backend::Sqlite => format!("ferry_v.pk = json_array({})", cols.join(", ")),
+        Backend::Postgres => match pg::integer_key(table, "ferry_v") {
+            Some(key) => format!("{key} = {}", cols[0]),
+            None => format!("ferry_v.pk = {}", pg::key_text(table, &cols)),
+        },
+    };
+    format!(
+        "(SELECT ferry_v.version FROM ferry_rows ferry_v WHERE ferry_v.tbl = '{}' AND {lookup} LIMIT 1)",
+        table.name
+    )
+}
+
 /// The native column type for a portable type.
 pub(crate) fn native_type(backend: Backend, ty: ColumnType) -> &'static str {
     match (backend, ty) {

@@ -77,6 +77,9 @@ impl PgStore {
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             }
             sqlx::raw_sql(AssertSqlSafe(capture_triggers(table))).execute(&mut *tx).await?;
+            if let Some(index) = integer_key_index(table) {
+                sqlx::query(AssertSqlSafe(index)).execute(&mut *tx).await?;
+            }
             // Rows written before the trigger existed join the feed at position 0.
             let keys: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
             let backfill = format!(
@@ -114,6 +117,44 @@ pub(crate) fn key_text(table: &Table, cols: &[String]) -> String {
     }
 }
 
+/// For a table keyed by one integer: that integer read back from the `ferry_rows` entry at
+/// `alias` (key text `[5]` → 5), NULL for other tables' entries, so no plan can fail to cast one.
+///
+/// [`integer_key_index`] indexes this expression, and a row's version is looked up through it
+/// ([`super::version_of`]): an integer search costs far less than one through the `(tbl, pk)`
+/// texts, and a snapshot page looks up every row it serves.
+pub(crate) fn integer_key(table: &Table, alias: &str) -> Option<String> {
+    let [key] = table.primary_key.as_slice() else { return None };
+    table.column(key).filter(|c| c.ty == ColumnType::Integer)?;
+    Some(format!(
+        "(CASE WHEN {alias}.tbl = '{name}' THEN substr({alias}.pk, 2, length({alias}.pk) - 2)::bigint END)",
+        name = table.name
+    ))
+}
+
+/// The partial index of `ferry_rows` on [`integer_key`] for `table`, if it has one integer key.
+fn integer_key_index(table: &Table) -> Option<String> {
+    let key = integer_key(table, "ferry_rows")?;
+    let name = quote(&per_table_name("ferry_rows_key_", &table.name));
+    Some(format!("CREATE INDEX IF NOT EXISTS {name} ON ferry_rows ({key}) WHERE tbl = '{}'", table.name))
+}
+
+/// The name of something Ferry makes for one table: `prefix` and the table's name. PostgreSQL
+/// cuts names at 63 bytes, and table names may have 63: a name that long keeps what fits of the
+/// table's name and ends with a hash of all of it, so two long table names alike but for their
+/// ends still get a function (or an index) each.
+fn per_table_name(prefix: &str, table: &str) -> String {
+    const MAX: usize = 63;
+    if prefix.len() + table.len() <= MAX {
+        return format!("{prefix}{table}");
+    }
+    use sha2::Digest as _;
+    let hash = hex::encode(&sha2::Sha256::digest(table.as_bytes())[..4]);
+    // Identifiers are ASCII (schema validation), so any byte index is a character boundary.
+    let kept = MAX - prefix.len() - hash.len() - 1;
+    format!("{prefix}{}_{hash}", &table[..kept])
+}
+
 /// Statement-level capture triggers that keep `ferry_rows` (the change feed) up to date for one
 /// table, for Ferry's writes and anyone else's: one `INSERT … SELECT` over the statement's
 /// transition table, however many rows the statement wrote (a row-level trigger costs a
@@ -122,7 +163,7 @@ pub(crate) fn key_text(table: &Table, cols: &[String]) -> String {
 fn capture_triggers(table: &Table) -> String {
     let name = &table.name;
     let t = quote(name);
-    let function = quote(&format!("ferry_capture_{name}"));
+    let function = quote(&per_table_name("ferry_capture_", name));
     let key = |alias: &str| {
         let cols: Vec<_> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
         key_text(table, &cols)
@@ -245,11 +286,9 @@ fn unnest_select(table: &Table, key_columns: &[&Column]) -> String {
     let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
     let key: Vec<String> = key_columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
     format!(
-        "SELECT {}, (SELECT version FROM ferry_rows WHERE tbl = '{}' AND pk = {}) \
-         FROM {} AS ferry_t WHERE ({}) IN (SELECT * FROM {})",
+        "SELECT {}, {} FROM {} AS ferry_t WHERE ({}) IN (SELECT * FROM {})",
         names.join(", "),
-        table.name,
-        key_text(table, &key),
+        super::version_of(Backend::Postgres, table, "ferry_t"),
         quote(&table.name),
         key.join(", "),
         unnest_arrays(key_columns)
@@ -613,9 +652,14 @@ impl super::FeedBackend for PgStore {
     }
 
     async fn feed_page(&self, table: &Table, sql: String, params: Vec<Param>) -> Result<Vec<FeedRow>, StoreError> {
-        let rows = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_all(&self.pool).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
+        use tokio_stream::StreamExt as _;
+        // Each row is decoded as it arrives, while PostgreSQL is still sending the rest: decoding
+        // after the last row would leave the database idle until the next page is asked for.
+        let query = bind_params(sqlx::query(AssertSqlSafe(sql)), params);
+        let mut rows = query.fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await {
+            let row = row?;
             let in_scope = row.try_get::<bool, _>(2)?;
             let values = if in_scope {
                 let mut values = Vec::with_capacity(table.columns.len());
@@ -641,6 +685,19 @@ impl super::FeedBackend for PgStore {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn per_table_names_fit_in_63_bytes_and_long_ones_stay_apart() {
+        assert_eq!(per_table_name("ferry_capture_", "invoice"), "ferry_capture_invoice");
+        let long = |end: &str| format!("{}{end}", "a".repeat(59));
+        let (east, west) =
+            (per_table_name("ferry_capture_", &long("east")), per_table_name("ferry_capture_", &long("west")));
+        assert_eq!((east.len(), west.len()), (63, 63));
+        assert_ne!(east, west);
+        assert!(east.starts_with("ferry_capture_aaaa"), "{east}");
+        let exact = "b".repeat(63 - "ferry_rows_key_".len());
+        assert_eq!(per_table_name("ferry_rows_key_", &exact), format!("ferry_rows_key_{exact}"));
+    }
 
     #[test]
     fn a_scratch_database_s_age_comes_from_its_uuidv7_and_other_names_have_none() {

@@ -493,7 +493,7 @@ impl ApplyTx for SqliteApplyTx {
         let conn = self.conn()?;
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(rows_per_statement(table.primary_key.len())) {
-            let sql = SQL.select_with_version(table, chunk.len(), |cols| format!("json_array({})", cols.join(", ")));
+            let sql = SQL.select_with_version(table, chunk.len(), Backend::Sqlite);
             let mut stmt = conn.prepare_cached(&sql)?;
             let mut i = 1;
             for key in chunk {
