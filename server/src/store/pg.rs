@@ -282,16 +282,23 @@ fn unnest_insert(table: &Table, columns: &[&Column]) -> String {
 }
 
 /// The columns and, last, the change-feed version of the rows whose keys are in the arrays.
+///
+/// Each key is looked up on its own (`LATERAL … LIMIT 1`, which the planner cannot turn into a
+/// join): without statistics, a table just filled, PostgreSQL would rather hash the keys and scan
+/// the whole table for them, once per batch, so a send would slow as the table grows.
 fn unnest_select(table: &Table, key_columns: &[&Column]) -> String {
     let names: Vec<_> = table.columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
-    let key: Vec<String> = key_columns.iter().map(|c| format!("ferry_t.{}", quote(&c.name))).collect();
+    let key_names: Vec<String> = key_columns.iter().map(|c| quote(&c.name)).collect();
+    let matches: Vec<String> = key_names.iter().map(|k| format!("ferry_r.{k} = ferry_k.{k}")).collect();
     format!(
-        "SELECT {}, {} FROM {} AS ferry_t WHERE ({}) IN (SELECT * FROM {})",
+        "SELECT {}, {} FROM {} AS ferry_k({}) \
+         CROSS JOIN LATERAL (SELECT * FROM {} AS ferry_r WHERE {} LIMIT 1) AS ferry_t",
         names.join(", "),
         super::version_of(Backend::Postgres, table, "ferry_t"),
+        unnest_arrays(key_columns),
+        key_names.join(", "),
         quote(&table.name),
-        key.join(", "),
-        unnest_arrays(key_columns)
+        matches.join(" AND "),
     )
 }
 
