@@ -263,6 +263,21 @@ backend_tests! {
         assert_eq!(codes(&r), ["dependency_failed"]);
     }
 
+    async fn a_temporary_key_used_again_is_mapped_to_its_new_row(backend) {
+        // A device restored from a backup assigns its temporary keys again.
+        let Some(h) = harness(backend).await else { return };
+        let r1 = h.send(&h.batch("dev-r", 1, vec![customer(1, 1, -1, "Ada")])).await.ok();
+        let ada = r1.remaps[0].real.0[0].as_integer().unwrap();
+        let r2 = h.send(&h.batch("dev-r", 2, vec![customer(2, 2, -1, "Bea"), customer(3, 2, -2, "Cy")])).await.ok();
+        assert_eq!(codes(&r2), ["applied", "applied"]);
+        let bea = r2.remaps.iter().find(|m| m.temporary == Key::int(-1)).unwrap().real.0[0].as_integer().unwrap();
+        assert_ne!(bea, ada);
+        assert_eq!(h.scalar(&format!("SELECT count(*) FROM customer WHERE id = {bea} AND name = 'Bea'")).await, 1);
+        let mapped = "SELECT real FROM ferry_key_map WHERE device_id = 'dev-r' AND tbl = 'customer' AND temporary = -1";
+        assert_eq!(h.scalar(mapped).await, bea);
+        assert_eq!(h.scalar("SELECT count(*) FROM ferry_key_map WHERE device_id = 'dev-r'").await, 2);
+    }
+
     async fn the_stock_rule_fails_one_line_and_its_dependants_only(backend) {
         let Some(h) = harness(backend).await else { return };
         let inv = insert(1, 1, "invoice", -1, &[("id", int(-1)), ("customer_id", int(-9)), ("salesperson_id", text("alice"))]);

@@ -492,17 +492,31 @@ impl ApplyTx for PgApplyTx {
         if mappings.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "INSERT INTO ferry_key_map (device_id, tbl, temporary, real)
+        // A device assigns each temporary key once, so the plain insert is the rule; the upsert
+        // (twice the cost per key on PostgreSQL: it searches the index before inserting) runs
+        // only if the database already maps one of them, say a device restored from a backup.
+        // A failed statement aborts the transaction, hence the savepoint.
+        const INSERT: &str = "INSERT INTO ferry_key_map (device_id, tbl, temporary, real)
+             SELECT $1, * FROM UNNEST($2::text[], $3::bigint[], $4::bigint[])";
+        const UPSERT: &str = "INSERT INTO ferry_key_map (device_id, tbl, temporary, real)
              SELECT $1, * FROM UNNEST($2::text[], $3::bigint[], $4::bigint[])
-             ON CONFLICT (device_id, tbl, temporary) DO UPDATE SET real = excluded.real",
-        )
-        .bind(device_id)
-        .bind(mappings.iter().map(|m| m.0).collect::<Vec<_>>())
-        .bind(mappings.iter().map(|m| m.1).collect::<Vec<_>>())
-        .bind(mappings.iter().map(|m| m.2).collect::<Vec<_>>())
-        .execute(&mut *self.tx)
-        .await?;
+             ON CONFLICT (device_id, tbl, temporary) DO UPDATE SET real = excluded.real";
+        let tables: Vec<&str> = mappings.iter().map(|m| m.0).collect();
+        let temporaries: Vec<i64> = mappings.iter().map(|m| m.1).collect();
+        let reals: Vec<i64> = mappings.iter().map(|m| m.2).collect();
+        let write = |sql: &'static str| {
+            sqlx::query(sql).bind(device_id).bind(&tables[..]).bind(&temporaries[..]).bind(&reals[..])
+        };
+        sqlx::query("SAVEPOINT ferry_key_map").execute(&mut *self.tx).await?;
+        match write(INSERT).execute(&mut *self.tx).await {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                sqlx::query("ROLLBACK TO SAVEPOINT ferry_key_map").execute(&mut *self.tx).await?;
+                write(UPSERT).execute(&mut *self.tx).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        sqlx::query("RELEASE SAVEPOINT ferry_key_map").execute(&mut *self.tx).await?;
         Ok(())
     }
 
