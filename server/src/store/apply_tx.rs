@@ -68,6 +68,8 @@ pub enum Savepoint {
     Event,
     /// Around the events of one local transaction.
     LocalTransaction,
+    /// Around a write that may be refused and tried another way (the key map, on PostgreSQL).
+    Retry,
 }
 
 impl Savepoint {
@@ -76,6 +78,7 @@ impl Savepoint {
         match self {
             Savepoint::Event => "ferry_event",
             Savepoint::LocalTransaction => "ferry_local_tx",
+            Savepoint::Retry => "ferry_retry",
         }
     }
 }

@@ -507,17 +507,16 @@ impl ApplyTx for PgApplyTx {
         let write = |sql: &'static str| {
             sqlx::query(sql).bind(device_id).bind(&tables[..]).bind(&temporaries[..]).bind(&reals[..])
         };
-        sqlx::query("SAVEPOINT ferry_key_map").execute(&mut *self.tx).await?;
+        self.savepoint(Savepoint::Retry).await?;
         match write(INSERT).execute(&mut *self.tx).await {
-            Ok(_) => {}
+            Ok(_) => self.release_savepoint(Savepoint::Retry).await,
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                sqlx::query("ROLLBACK TO SAVEPOINT ferry_key_map").execute(&mut *self.tx).await?;
+                self.rollback_to_savepoint(Savepoint::Retry).await?;
                 write(UPSERT).execute(&mut *self.tx).await?;
+                Ok(())
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
         }
-        sqlx::query("RELEASE SAVEPOINT ferry_key_map").execute(&mut *self.tx).await?;
-        Ok(())
     }
 
     async fn insert_rows(
