@@ -423,18 +423,20 @@ fn classify(e: sqlx::Error) -> WriteError {
 
 impl ApplyTx for PgApplyTx {
     async fn lock_device(&mut self, device_id: &str, user_id: &str) -> Result<DeviceRecord, StoreError> {
-        sqlx::query("INSERT INTO ferry_devices (device_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(device_id)
-            .bind(user_id)
-            .execute(&mut *self.tx)
-            .await?;
-        let row = sqlx::query(
-            "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices
-             WHERE device_id = $1 FOR UPDATE",
-        )
-        .bind(device_id)
-        .fetch_one(&mut *self.tx)
-        .await?;
+        const LOCK: &str = "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices
+             WHERE device_id = $1 FOR UPDATE";
+        // A known device (every batch but its first) costs one statement.
+        let row = match sqlx::query(LOCK).bind(device_id).fetch_optional(&mut *self.tx).await? {
+            Some(row) => row,
+            None => {
+                sqlx::query("INSERT INTO ferry_devices (device_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(device_id)
+                    .bind(user_id)
+                    .execute(&mut *self.tx)
+                    .await?;
+                sqlx::query(LOCK).bind(device_id).fetch_one(&mut *self.tx).await?
+            }
+        };
         let digest: Option<Vec<u8>> = row.try_get(2)?;
         Ok(DeviceRecord {
             device_id: device_id.to_string(),
