@@ -3,8 +3,9 @@
 //! `GET /v1/changes?pages=P` (P > 1) streams up to P consecutive pages in one response, each a
 //! frame of the negotiated encoding ([`Encoding::encode_frame`]), marked by the
 //! [`PAGE_STREAM_HEADER`] header. The first page is read before the answer starts, so a bad cursor
-//! still gets its status; each next page is read while the previous one is on the wire, so the
-//! server works on the next page while the device stores this one. A failure after the first
+//! still gets its status; the next pages are read by a task of their own, one page ahead of the
+//! one being encoded, so the database works on the next page while the server encodes this one
+//! and the device stores the one before. A failure after the first
 //! page ends the stream early (the device asks again from the last page it got, and hears the
 //! error then). When the device accepts zstd the stream is one zstd stream flushed after each
 //! page, so every page reaches the device as soon as it is read.
@@ -119,10 +120,16 @@ fn accepts_zstd(headers: &HeaderMap) -> bool {
 
 type Frames = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
 
+/// Pages read ahead of the one being encoded: the reader starts the next page as soon as it
+/// has handed one over, so the database works while the server encodes and compresses.
+const READ_AHEAD_PAGES: usize = 1;
+
 /// Writes `first` and up to `pages - 1` further pages into `frames`, stopping after the last page,
-/// at the first error (logged) or when the device hangs up; each next page is read while the
-/// previous one is encoded and sent. A compressed stream is flushed after
-/// each page: tower-http's compression layer would hold a page back until more bytes follow it.
+/// at the first error (logged) or when the device hangs up. The pages after `first` are read by
+/// a task of their own ([`read_pages`]), so reading page N+1 (the database's work, then
+/// decoding its rows) runs beside encoding page N on the other core instead of taking turns
+/// with it. A compressed stream is flushed after each page: tower-http's compression layer
+/// would hold a page back until more bytes follow it.
 async fn stream_pages(state: AppState, user: User, how: PageStream, first: ChangePage, frames: Frames) {
     let mut zstd = match how.compress {
         true => match zstd::stream::write::Encoder::new(Vec::new(), ferry_protocol::codec::ZSTD_LEVEL) {
@@ -131,37 +138,26 @@ async fn stream_pages(state: AppState, user: User, how: PageStream, first: Chang
         },
         false => None,
     };
-    let (schema, max_bytes) = (&state.schema.schema, state.limits.max_page_bytes);
-    let mut page = first;
-    for sent in 1..=how.pages {
-        let more = !page.last && sent < how.pages;
-        // The next page is read (on the database's side) while this one is encoded and sent.
-        let read_next = async {
-            match more {
-                true => Some(feed::page(&state.store, schema, &user, &page.next.0, how.limit, max_bytes).await),
-                false => None,
-            }
+    let (ahead, mut read) = tokio::sync::mpsc::channel(READ_AHEAD_PAGES);
+    if !first.last && how.pages > 1 {
+        tokio::spawn(read_pages(state, user, first.next.clone(), how.limit, how.pages - 1, ahead));
+    }
+    let mut page = Some(first);
+    while let Some(current) = page.take() {
+        let bytes = match encoded(how.encoding, zstd.as_mut(), &current) {
+            Ok(bytes) => bytes,
+            Err(e) => return tracing::error!(error = %e, "a page could not be encoded; the page stream stops"),
         };
-        let deliver = async {
-            match encoded(how.encoding, zstd.as_mut(), &page) {
-                Ok(bytes) => frames.send(Ok(bytes.into())).await.is_ok(), // false: the device hung up
-                Err(e) => {
-                    tracing::error!(error = %e, "a page could not be encoded; the page stream stops");
-                    false
-                }
-            }
+        drop(current);
+        if frames.send(Ok(bytes.into())).await.is_err() {
+            return; // the device hung up; dropping `read` stops the reader
+        }
+        page = match read.recv().await {
+            None => None, // the reader is done: the last page, or as many as asked
+            Some(Ok(next)) => Some(next),
+            // The device asks again from the last page it got, and hears the error then.
+            Some(Err(e)) => return tracing::warn!(error = %e, "a page stream stopped early"),
         };
-        let (next, delivered) = tokio::join!(read_next, deliver);
-        page = match (delivered, next) {
-            (false, _) => return,
-            (true, None) => break,
-            (true, Some(Ok(next))) => next,
-            (true, Some(Err(e))) => {
-                // The device asks again from the last page it got, and hears the error then.
-                return tracing::warn!(error = %e, "a page stream stopped early");
-            }
-        };
-        count_rows(&page);
     }
     if let Some(encoder) = zstd {
         match encoder.finish() {
@@ -169,6 +165,36 @@ async fn stream_pages(state: AppState, user: User, how: PageStream, first: Chang
                 let _ = frames.send(Ok(tail.into())).await;
             }
             Err(e) => tracing::error!(error = %e, "a page stream's compression could not be finished"),
+        }
+    }
+}
+
+/// Reads up to `count` consecutive pages from `cursor` into `ahead`, stopping after the last page,
+/// at the first error (handed over too) or when the writer stops listening.
+async fn read_pages(
+    state: AppState,
+    user: User,
+    mut cursor: ferry_protocol::Cursor,
+    limit: usize,
+    count: usize,
+    ahead: tokio::sync::mpsc::Sender<Result<ChangePage, FeedError>>,
+) {
+    let (schema, max_bytes) = (&state.schema.schema, state.limits.max_page_bytes);
+    for _ in 0..count {
+        let page = feed::page(&state.store, schema, &user, &cursor.0, limit, max_bytes).await;
+        let next = match &page {
+            Ok(page) if !page.last => Some(page.next.clone()),
+            _ => None,
+        };
+        if let Ok(page) = &page {
+            count_rows(page);
+        }
+        if ahead.send(page).await.is_err() {
+            return;
+        }
+        match next {
+            Some(next) => cursor = next,
+            None => return,
         }
     }
 }
