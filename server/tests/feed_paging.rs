@@ -213,6 +213,9 @@ backend_tests! {
         h.sql("INSERT INTO cell (x, y) VALUES (1, 1), (2, 2)").await;
         h.sql("INSERT INTO word (w, owner) VALUES ('1', 'alice'), ('[2]', 'alice')").await;
         h.sql("INSERT INTO item (id, label) VALUES (-7, 'a'), (1, 'b'), (2, 'c'), (30, 'd')").await;
+        // Entries of removed rows among them (PostgreSQL merges the rows with these entries).
+        h.sql("INSERT INTO item (id, label) VALUES (3, 'gone'), (4, 'gone'), (-8, 'gone')").await;
+        h.sql("DELETE FROM item WHERE label = 'gone'").await;
         h.sql(&format!("INSERT INTO {WEST} (id) VALUES (2), (1)")).await;
         h.sql(&format!("INSERT INTO {EAST} (id) VALUES (1), (2)")).await;
         // Versions no longer follow insertion order.

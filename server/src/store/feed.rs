@@ -235,7 +235,9 @@ impl<'a> FeedSql<'a> {
     }
 
     /// A snapshot page: rows in scope after the key `after`, in key order along the primary-key
-    /// index. Every row is in scope; its version is one `ferry_rows` primary-key lookup.
+    /// index. Every row is in scope; its version is one `ferry_rows` lookup, or, where
+    /// [`merged_versions`] says so, the `ferry_rows` entry its key meets in a merge of both keys'
+    /// indexes from `after` on.
     ///
     /// `after` is empty or a key [`key_params`] accepts (the cursor parser checks it); anything
     /// else would restart the table, which repeats rows (harmless in a snapshot) but skips none.
@@ -243,13 +245,27 @@ impl<'a> FeedSql<'a> {
         let scope = self.in_scope(table, "t");
         let keys: Vec<_> = table.primary_key.iter().map(|c| format!("t.{}", quote(c))).collect();
         let mut filter = scope;
+        let mut lower = None;
         if let Some(params) = key_params(self.backend, table, after) {
             let bounds: Vec<_> = params.into_iter().map(|p| self.param(p)).collect();
             filter = match bounds.as_slice() {
                 [one] => format!("{filter} AND {} > {one}", keys[0]),
                 _ => format!("{filter} AND ({}) > ({})", keys.join(", "), bounds.join(", ")),
             };
+            lower = bounds.into_iter().next();
         }
+        let (join, version) = match merged_versions(self.backend, table) {
+            Some(key) => {
+                // The bound on both sides, so that each index scan starts at `after`.
+                let bound = lower.map(|b| format!(" AND {key} > {b}")).unwrap_or_default();
+                let join = format!(
+                    " LEFT JOIN ferry_rows ferry_v ON ferry_v.tbl = '{}' AND {key} = {}{bound}",
+                    table.name, keys[0]
+                );
+                (join, "ferry_v.version".to_string())
+            }
+            None => (String::new(), super::version_of(self.backend, table, "t")),
+        };
         let limit = self.param(Param::Int(limit));
         let pk = self.key_text("t", table);
         let columns: Vec<_> = table.columns.iter().map(|c| format!("t.{}", quote(&c.name))).collect();
@@ -257,11 +273,10 @@ impl<'a> FeedSql<'a> {
             "SELECT {pk},
                     COALESCE({version}, 0),
                     {yes}, {cols}
-             FROM {t} t
+             FROM {t} t{join}
              WHERE {filter}
              ORDER BY {order}
              LIMIT {limit}",
-            version = super::version_of(self.backend, table, "t"),
             yes = self.true_sql(),
             cols = columns.join(", "),
             t = quote(&table.name),
@@ -297,6 +312,19 @@ impl<'a> FeedSql<'a> {
         let cand = self.candidates(table, range);
         format!("SELECT count(*) FROM ({cand}) c")
     }
+}
+
+/// For a snapshot page of `table`, the `ferry_rows` key expression (alias `ferry_v`) to join its
+/// rows with, when PostgreSQL merges the two indexes better than it looks each version up: for
+/// tables keyed by one integer and sent to everyone, where the page's rows are a run of
+/// consecutive keys. The merge reads both indexes from the page's first key on (1000-row page:
+/// 1.45 ms against 2.05 ms for 1000 lookups); with a scope, the rows in scope may be sparse
+/// among the `ferry_rows` entries the merge would read past, so each version is looked up.
+fn merged_versions(backend: Backend, table: &Table) -> Option<String> {
+    if backend != Backend::Postgres || !matches!(table.scope, Scope::Everyone) {
+        return None;
+    }
+    super::pg::integer_key(table, "ferry_v")
 }
 
 /// Parses a feed key text (a JSON array of integers and texts) into a key with one value per key
