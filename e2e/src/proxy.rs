@@ -59,10 +59,41 @@ struct Shared {
     plan: Mutex<Plan>,
     connections: AtomicU64,
     faults: AtomicU64,
-    response_bytes: AtomicU64,
-    request_bytes: AtomicU64,
-    /// Where [`Proxy::cut_responses_at`] cuts, in `response_bytes` (`u64::MAX`: nowhere).
-    response_cut_at: AtomicU64,
+    requests: Stream,
+    responses: Stream,
+}
+
+/// One direction (devices → server, or back) over all connections: bytes forwarded so far, and
+/// the positions in that count where a connection is to be cut, ascending.
+#[derive(Default)]
+struct Stream {
+    bytes: AtomicU64,
+    cuts: Mutex<VecDeque<u64>>,
+}
+
+impl Stream {
+    /// How many of `n` bytes may be forwarded before the next cut position (`n` if none is
+    /// near), counted as forwarded; a cut position that is reached is used up. Counted before
+    /// the caller writes, so a reader that has seen the bytes also sees the count.
+    fn take(&self, n: usize) -> usize {
+        let mut cuts = lock(&self.cuts);
+        let mut allowed = n;
+        if let Some(&at) = cuts.front() {
+            let left = at.saturating_sub(self.bytes.load(Ordering::SeqCst));
+            if left < n as u64 {
+                cuts.pop_front();
+                allowed = left as usize;
+            }
+        }
+        self.bytes.fetch_add(allowed as u64, Ordering::SeqCst);
+        allowed
+    }
+
+    fn cut_at(&self, positions: impl IntoIterator<Item = u64>) {
+        let mut cuts = lock(&self.cuts);
+        cuts.extend(positions);
+        cuts.make_contiguous().sort_unstable();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,9 +117,8 @@ impl Proxy {
             plan: Mutex::new(Plan { queue: VecDeque::new(), default: Fault::Pass }),
             connections: AtomicU64::new(0),
             faults: AtomicU64::new(0),
-            response_bytes: AtomicU64::new(0),
-            request_bytes: AtomicU64::new(0),
-            response_cut_at: AtomicU64::new(u64::MAX),
+            requests: Stream::default(),
+            responses: Stream::default(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Proxy { addr, shared, task })
@@ -154,7 +184,7 @@ impl Proxy {
     /// included). Sampled between two requests it tells where a response ends, so a test can
     /// aim a [`Fault::CutResponseAfter`] at a later response of a kept-alive connection.
     pub fn response_bytes(&self) -> u64 {
-        self.shared.response_bytes.load(Ordering::SeqCst)
+        self.shared.responses.bytes.load(Ordering::SeqCst)
     }
 
     /// Cuts, once, whichever connection would forward response byte number `total` (counted
@@ -162,15 +192,21 @@ impl Proxy {
     /// position of a sequence of responses whatever connections carry them (an HTTP client may
     /// open a new connection when its kept-alive one is not back in its pool yet).
     pub fn cut_responses_at(&self, total: u64) {
-        self.shared.response_cut_at.store(total, Ordering::SeqCst);
+        self.shared.responses.cut_at([total]);
     }
-}
 
-impl Proxy {
     /// Bytes forwarded from devices to the server so far, over all connections (HTTP headers
     /// included): when it stops growing during an upload, the server holds the whole request.
     pub fn request_bytes(&self) -> u64 {
-        self.shared.request_bytes.load(Ordering::SeqCst)
+        self.shared.requests.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Cuts whichever connection would forward request byte number `total`, for each of
+    /// `totals` (counted like [`Proxy::request_bytes`]), as [`Fault::CutRequestAfter`] does. The
+    /// cuts land where the bytes are whatever connections carry them, so a connection the server
+    /// closes early (say after refusing a request) does not use one up.
+    pub fn cut_requests_at(&self, totals: impl IntoIterator<Item = u64>) {
+        self.shared.requests.cut_at(totals);
     }
 }
 
@@ -238,8 +274,8 @@ async fn handle(client: TcpStream, fault: Fault, shared: Arc<Shared>) {
     };
     // Either direction ending (EOF, error or a cut) ends the connection: both halves are dropped.
     let ended = tokio::select! {
-        e = pump(client_rd, server_wr, request_limit, Some(&shared.request_bytes), None) => e,
-        e = pump(server_rd, client_wr, response_limit, Some(&shared.response_bytes), Some(&shared.response_cut_at)) => e,
+        e = pump(client_rd, server_wr, request_limit, &shared.requests) => e,
+        e = pump(server_rd, client_wr, response_limit, &shared.responses) => e,
     };
     if ended == Ended::Cut {
         fault_hit();
@@ -253,15 +289,13 @@ enum Ended {
 }
 
 /// Copies `from` → `to`; with a limit, forwards at most that many bytes and returns
-/// [`Ended::Cut`] as soon as more would have to be forwarded. Forwarded bytes are added to
-/// `counter`, if any; `cut_at` (a position in `counter`, `u64::MAX` for none) cuts the same way
-/// when the counter reaches it, once.
+/// [`Ended::Cut`] as soon as more would have to be forwarded. Forwarded bytes are counted in
+/// `stream`, whose cut positions cut the same way.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     limit: Option<usize>,
-    counter: Option<&AtomicU64>,
-    cut_at: Option<&AtomicU64>,
+    stream: &Stream,
 ) -> Ended {
     let mut buf = vec![0u8; 16 * 1024];
     let mut forwarded = 0usize;
@@ -270,20 +304,8 @@ async fn pump(
             Ok(0) | Err(_) => return Ended::Closed,
             Ok(n) => n,
         };
-        let mut allowed = limit.map_or(n, |l| n.min(l - forwarded));
-        if let (Some(counter), Some(cut_at)) = (counter, cut_at) {
-            let at = cut_at.load(Ordering::SeqCst);
-            let left = at.saturating_sub(counter.load(Ordering::SeqCst));
-            if (left as usize) < allowed {
-                allowed = left as usize;
-                cut_at.store(u64::MAX, Ordering::SeqCst);
-            }
-        }
+        let allowed = stream.take(limit.map_or(n, |l| n.min(l - forwarded)));
         if allowed > 0 {
-            // Counted before writing, so a reader that has seen the bytes also sees the count.
-            if let Some(counter) = counter {
-                counter.fetch_add(allowed as u64, Ordering::SeqCst);
-            }
             if to.write_all(&buf[..allowed]).await.is_err() {
                 return Ended::Closed;
             }
@@ -402,6 +424,21 @@ mod tests {
         assert_eq!(roundtrip(&proxy, b"world").await, b"wo", "a second connection is cut at byte 7");
         assert_eq!(proxy.stats(), ProxyStats { connections: 2, faults: 1 });
         assert_eq!(roundtrip(&proxy, b"again").await, b"again", "once");
+    }
+
+    #[tokio::test]
+    async fn cuts_at_positions_of_all_requests_whichever_connections_carry_them() {
+        let (addr, received) = echo().await;
+        let proxy = Proxy::start(addr).await.unwrap();
+        proxy.cut_requests_at([6, 3]);
+        assert!(roundtrip(&proxy, b"hello").await.len() <= 3);
+        assert!(roundtrip(&proxy, b"world").await.len() <= 3);
+        assert_eq!(roundtrip(&proxy, b"again").await, b"again", "both positions are used up");
+        settle().await;
+        let received = received.lock().unwrap().clone();
+        assert_eq!(received, vec![b"hel".to_vec(), b"wor".to_vec(), b"again".to_vec()]);
+        assert_eq!(proxy.stats(), ProxyStats { connections: 3, faults: 2 });
+        assert_eq!(proxy.request_bytes(), 11);
     }
 
     #[tokio::test]
