@@ -18,7 +18,9 @@ impl Backend {
     pub async fn database(self) -> Option<String> {
         match self {
             Backend::Sqlite => {
-                let dir = std::env::temp_dir().join(format!("ferry-test-{}", uuid::Uuid::now_v7().simple()));
+                let temp = std::env::temp_dir();
+                remove_stale_scratch_dirs(&temp);
+                let dir = temp.join(format!("ferry_test_{}", uuid::Uuid::now_v7().simple()));
                 std::fs::create_dir_all(&dir).ok()?;
                 Some(dir.join("server.db").display().to_string())
             }
@@ -32,6 +34,21 @@ impl Backend {
                     None
                 }
             },
+        }
+    }
+}
+
+/// Removes the SQLite scratch directories (`ferry_test_<UUIDv7>`) in `parent` older than
+/// [`SCRATCH_MAX_AGE`](crate::store::pg::SCRATCH_MAX_AGE), as the PostgreSQL variant drops its
+/// stale scratch databases, so test runs do not pile them up.
+fn remove_stale_scratch_dirs(parent: &std::path::Path) {
+    use crate::store::pg::{SCRATCH_MAX_AGE, scratch_age};
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if scratch_age(&name.to_string_lossy(), now).is_some_and(|age| age > SCRATCH_MAX_AGE) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -51,4 +68,29 @@ macro_rules! backend_tests {
             async fn postgres() { case($crate::testing::Backend::Postgres).await }
         }
     )*};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_sqlite_scratch_dirs_are_removed_and_others_stay() {
+        let parent = tempfile::tempdir().unwrap();
+        let made = |secs_ago: u64| {
+            let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - secs_ago;
+            let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, at, 0));
+            let dir = parent.path().join(format!("ferry_test_{}", id.simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("server.db"), b"x").unwrap();
+            dir
+        };
+        let stale = made(3 * 3600);
+        let fresh = made(60);
+        let other = parent.path().join("ferry_test_mine");
+        std::fs::create_dir_all(&other).unwrap();
+        remove_stale_scratch_dirs(parent.path());
+        assert!(!stale.exists(), "a scratch dir older than the limit is removed");
+        assert!(fresh.exists() && other.exists(), "a recent one and one without a timestamp stay");
+    }
 }
