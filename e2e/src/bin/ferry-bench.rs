@@ -373,6 +373,11 @@ impl Bench {
         let config = ClientConfig {
             token: Some(token(USER)),
             request_timeout: Duration::from_secs(120),
+            // For comparing page sizes: rows per receive page (default: the client's).
+            page_limit: std::env::var("FERRY_BENCH_PAGE_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(ferry_client::DEFAULT_PAGE_LIMIT),
             ..ClientConfig::new(served.server.url.clone())
         };
         let client = Client::open(self.fresh_path("device"), config)?;
