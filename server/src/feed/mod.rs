@@ -196,8 +196,16 @@ pub async fn page(
             versions: Vec::with_capacity(fetched),
             rows: Vec::with_capacity(fetched),
         };
-        let last = rows.last().map(|row| row.pk.clone());
+        // The byte budget ends the page inside a table too, after the row that reaches it: a
+        // page of large rows must stay well under what a device decodes (the rows read past it
+        // are read again by the next page).
+        let (mut last, mut served) = (None, 0usize);
         for row in rows {
+            if bytes >= max_bytes && served > 0 {
+                break;
+            }
+            served += 1;
+            last = Some(row.pk.clone());
             match row.values {
                 Some(values) => {
                     bytes += values.iter().map(value_size).sum::<usize>() + 8;
@@ -221,8 +229,8 @@ pub async fn page(
         if let Some(last) = last {
             progress.after = last;
         }
-        rows_left -= fetched.min(rows_left);
-        if fetched == 0 || rows_left > 0 {
+        rows_left -= served.min(rows_left);
+        if served == fetched && (fetched == 0 || rows_left > 0) {
             // This table is exhausted (the query returned fewer rows than asked for).
             progress.table += 1;
             progress.after.clear();
