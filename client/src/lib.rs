@@ -98,8 +98,8 @@ pub const DEFAULT_BLOB_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// Default number of rows asked per receive page. Each page costs a query on the server and a
 /// local transaction on the device to stage it; at 4000 rows these are spread thin enough that
-/// a large receive is bound by the rows (docs/benchmarks.md: +20% over 1000-row pages), while a
-/// page stays far under the server's byte budget.
+/// a large receive is bound by the rows (docs/benchmarks.md: +20% over 1000-row pages). The
+/// server's byte budget still ends a page of large rows sooner.
 pub const DEFAULT_PAGE_LIMIT: u32 = 4000;
 
 /// Default number of pages a receive asks to have streamed in one answer.
