@@ -445,12 +445,13 @@ impl Client {
         let _guard = RunGuard::acquire(&SENDING, &self.path)?;
         let (events_total, batches_total) = {
             let conn = self.lock();
-            let schema = self.require_schema(&conn)?;
-            // Planning the batches reads the whole pending log: only a progress report needs it.
+            self.require_schema(&conn)?;
+            // Planning the batches reads the whole pending log (though no event is decoded):
+            // only a progress report needs it.
             let batches_total = match progress {
                 Some(_) => {
                     let inflight = db::log::inflight_batches(&conn)?.len() as u64;
-                    let planned = db::log::planned_batches(&conn, &schema, &self.config.batch_limits)?;
+                    let planned = db::log::planned_batches(&conn, &self.config.batch_limits)?;
                     planned + inflight
                 }
                 None => 0,
