@@ -336,12 +336,10 @@ impl Client {
     pub fn next_batch(&self) -> Result<Option<Batch>> {
         let mut conn = self.lock();
         let schema = self.require_schema(&conn)?;
-        // An answer stored to be applied beside the next upload, which a crash interrupted, is
-        // applied before anything else (see `engine::send`).
-        if let Some(result) = db::log::stored_result(&conn)? {
-            engine::apply::apply_result(&mut conn, &schema, &result)?;
-        }
-        db::log::prepare_next_batch(&mut conn, &schema, &self.config.batch_limits)
+        let tx = conn.transaction()?;
+        let batch = load_next_batch_in(&tx, &schema, &self.config.batch_limits)?;
+        tx.commit()?;
+        Ok(batch)
     }
 
     /// Cuts and persists the batch after `current` (the one in flight), if the pending log allows
@@ -353,20 +351,24 @@ impl Client {
         db::log::cut_ahead(&mut conn, &schema, &self.config.batch_limits, &db::log::BatchRows::of(current))
     }
 
-    /// Runs `work` on the database on a blocking thread, so that it runs while a request is on
-    /// the wire whatever the runtime (on the request's own thread, the request would wait for it).
-    async fn beside_upload<T: Send + 'static>(
+    /// Runs `work` in one local transaction (one commit) on a blocking thread: it runs while a
+    /// request is on the wire whatever the runtime (on the request's own thread, the request
+    /// would wait for it), and its commit's fsync never holds up the runtime's other tasks.
+    async fn in_local_transaction<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&mut Connection, &Schema) -> Result<T> + Send + 'static,
+        work: impl FnOnce(&Connection, &Schema) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         self.in_background(move |conn| {
             let schema = db::stored_schema(conn)?.ok_or(Error::NoSchema)?;
-            work(conn, &schema)
+            let tx = conn.transaction()?;
+            let done = work(&tx, &schema)?;
+            tx.commit()?;
+            Ok(done)
         })
         .await
     }
 
-    /// [`Client::beside_upload`] without the schema.
+    /// Runs `work` on the database on a blocking thread (see [`Client::in_local_transaction`]).
     async fn in_background<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -443,34 +445,37 @@ impl Client {
 
     async fn send_inner(&self, progress: Option<&(dyn Fn(Progress) + Send + Sync)>) -> Result<SendReport> {
         let _guard = RunGuard::acquire(&SENDING, &self.path)?;
-        let (events_total, batches_total) = {
-            let conn = self.lock();
-            self.require_schema(&conn)?;
-            // Planning the batches reads the whole pending log (though no event is decoded):
-            // only a progress report needs it.
-            let batches_total = match progress {
-                Some(_) => {
-                    let inflight = db::log::inflight_batches(&conn)?.len() as u64;
-                    let planned = db::log::planned_batches(&conn, &self.config.batch_limits)?;
-                    planned + inflight
-                }
-                None => 0,
-            };
-            (db::log::unsent_count(&conn)?, batches_total)
-        };
+        let limits = self.config.batch_limits;
+        let want_plan = progress.is_some();
+        let (events_total, batches_total) = self
+            .in_background(move |conn| {
+                db::stored_schema(conn)?.ok_or(Error::NoSchema)?;
+                // Planning the batches reads the whole pending log (though no event is decoded):
+                // only a progress report needs it.
+                let batches_total = match want_plan {
+                    true => db::log::inflight_batches(conn)?.len() as u64 + db::log::planned_batches(conn, &limits)?,
+                    false => 0,
+                };
+                Ok((db::log::unsent_count(conn)?, batches_total))
+            })
+            .await?;
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
         let mut machine = SendMachine::new(policy, events_total, batches_total);
         let mut command = machine.start();
+        // Every step on the database runs off the runtime's threads, in one local transaction.
         loop {
             command = match command {
-                Command::LoadNextBatch => machine.step(Input::BatchLoaded(self.next_batch()?)),
+                Command::LoadNextBatch => {
+                    let loaded = self.in_local_transaction(move |tx, schema| load_next_batch_in(tx, schema, &limits));
+                    machine.step(Input::BatchLoaded(loaded.await?))
+                }
                 Command::Upload { batch, cut_ahead } => {
                     let (answer, next) = if cut_ahead {
                         // The device cuts the next batch while the server applies this one.
-                        let limits = self.config.batch_limits;
                         let rows = db::log::BatchRows::of(&batch);
-                        let cut =
-                            self.beside_upload(move |conn, schema| db::log::cut_ahead(conn, schema, &limits, &rows));
+                        let cut = self.in_local_transaction(move |tx, schema| {
+                            db::log::cut_ahead_in(tx, schema, &limits, &rows)
+                        });
                         let (answer, next) = tokio::join!(self.upload_with_blobs(&batch), cut);
                         // A local failure stops the send; an answer dropped here is replayed by
                         // the server when the batch is sent again.
@@ -482,14 +487,14 @@ impl Client {
                 }
                 Command::ApplyResultBeside { result, next } => {
                     // The server keeps only its last answer: this one is stored before the next
-                    // upload can replace it, then applied while that upload is on the wire; once
-                    // applied, the batch after `next` is cut.
-                    db::log::store_result(&self.lock(), &result)?;
-                    let limits = self.config.batch_limits;
+                    // upload can replace it, then applied while that upload is on the wire; in
+                    // the same local transaction, the batch after `next` is cut.
+                    let stored = result.clone();
+                    self.in_background(move |conn| db::log::store_result(conn, &stored)).await?;
                     let rows = db::log::BatchRows::of(&next);
-                    let apply = self.beside_upload(move |conn, schema| {
-                        engine::apply::apply_result(conn, schema, &result)?;
-                        db::log::cut_ahead(conn, schema, &limits, &rows)
+                    let apply = self.in_local_transaction(move |tx, schema| {
+                        engine::apply::apply_result_in(tx, schema, &result)?;
+                        db::log::cut_ahead_in(tx, schema, &limits, &rows)
                     });
                     let (answer, after_next) = tokio::join!(self.upload_with_blobs(&next), apply);
                     let after_next = after_next?;
@@ -503,9 +508,12 @@ impl Client {
                     tokio::time::sleep(d).await;
                     machine.step(Input::Slept)
                 }
-                Command::ApplyResult(result) => {
-                    self.apply_result(&result)?;
-                    let next = machine.step(Input::ResultApplied);
+                Command::ApplyResultAndLoadNext(result) => {
+                    let loaded = self.in_local_transaction(move |tx, schema| {
+                        engine::apply::apply_result_in(tx, schema, &result)?;
+                        load_next_batch_in(tx, schema, &limits)
+                    });
+                    let next = machine.step(Input::BatchLoaded(loaded.await?));
                     if let Some(cb) = progress {
                         cb(machine.progress());
                     }
@@ -806,6 +814,16 @@ impl Client {
 }
 
 /// What an upload's outcome tells the send machine (`next`: the batch cut ahead meanwhile).
+/// The batch the next upload sends, loaded in `tx`: an answer stored to be applied beside the
+/// next upload, which a crash interrupted, is applied before anything else (see
+/// `engine::send`); then the lowest in-flight batch, or the next one cut from the log.
+fn load_next_batch_in(tx: &Connection, schema: &Schema, limits: &BatchLimits) -> Result<Option<Batch>> {
+    if let Some(result) = db::log::stored_result(tx)? {
+        engine::apply::apply_result_in(tx, schema, &result)?;
+    }
+    db::log::prepare_next_batch_in(tx, schema, limits)
+}
+
 fn upload_input(answer: std::result::Result<ferry_protocol::BatchResult, UploadError>, next: Option<Batch>) -> Input {
     match (answer, next) {
         (Ok(result), Some(next)) => Input::AnsweredWithNext(result, next),

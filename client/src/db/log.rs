@@ -391,13 +391,22 @@ pub fn prepare_next_batch(
     schema: &Schema,
     limits: &BatchLimits,
 ) -> Result<Option<ferry_protocol::Batch>> {
-    if let Some(batch) = inflight_batch(conn)? {
-        return Ok(Some(batch));
-    }
     let tx = conn.transaction()?;
-    let batch = cut_and_persist(&tx, schema, limits, None)?;
+    let batch = prepare_next_batch_in(&tx, schema, limits)?;
     tx.commit()?;
     Ok(batch)
+}
+
+/// [`prepare_next_batch`] inside the caller's transaction `tx`.
+pub fn prepare_next_batch_in(
+    tx: &Connection,
+    schema: &Schema,
+    limits: &BatchLimits,
+) -> Result<Option<ferry_protocol::Batch>> {
+    match inflight_batch(tx)? {
+        Some(batch) => Ok(Some(batch)),
+        None => cut_and_persist(tx, schema, limits, None),
+    }
 }
 
 /// Cuts the batch after the one in flight while that one is being uploaded, so the device's
@@ -413,6 +422,20 @@ pub fn prepare_next_batch(
 /// flight.
 pub fn cut_ahead(
     conn: &mut Connection,
+    schema: &Schema,
+    limits: &BatchLimits,
+    current: &BatchRows,
+) -> Result<Option<ferry_protocol::Batch>> {
+    let tx = conn.transaction()?;
+    let batch = cut_ahead_in(&tx, schema, limits, current)?;
+    tx.commit()?;
+    Ok(batch)
+}
+
+/// [`cut_ahead`] inside the caller's transaction `conn`, which `send` applies the answer to the
+/// batch before `current` in first (one commit for both).
+pub fn cut_ahead_in(
+    conn: &Connection,
     schema: &Schema,
     limits: &BatchLimits,
     current: &BatchRows,
@@ -437,10 +460,7 @@ pub fn cut_ahead(
     if checkpoint_near {
         return Ok(None);
     }
-    let tx = conn.transaction()?;
-    let batch = cut_and_persist(&tx, schema, limits, Some(&current.rows))?;
-    tx.commit()?;
-    Ok(batch)
+    cut_and_persist(conn, schema, limits, Some(&current.rows))
 }
 
 /// A batch's number and the rows its events touch (table, key text): what [`cut_ahead`] keeps

@@ -28,7 +28,15 @@ fn row_json(row: &Row) -> String {
 /// only failed events take a statement each.
 pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult) -> Result<()> {
     let tx = conn.transaction()?;
-    set_applying(&tx, true)?;
+    apply_result_in(&tx, schema, result)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// [`apply_result`] inside the caller's transaction `tx`, which `send` also loads the next batch
+/// in (one commit for both).
+pub fn apply_result_in(tx: &Connection, schema: &Schema, result: &BatchResult) -> Result<()> {
+    set_applying(tx, true)?;
     let batch_seq = i64::try_from(result.batch_seq).map_err(|_| Error::ResultMismatch("batch_seq".into()))?;
     // The applied events' seqs, as a JSON array for `json_each`.
     let mut applied = String::from("[");
@@ -75,13 +83,12 @@ pub fn apply_result(conn: &mut Connection, schema: &Schema, result: &BatchResult
         .execute([batch_seq])?;
     if back_to_pending > 0 {
         // They go before anything cut after them (R2): a batch cut ahead is cut again.
-        crate::db::log::unflight_after(&tx, batch_seq)?;
+        crate::db::log::unflight_after(tx, batch_seq)?;
     }
-    apply_remaps(&tx, schema, &result.remaps)?;
-    apply_images(&tx, schema, &result.images)?;
+    apply_remaps(tx, schema, &result.remaps)?;
+    apply_images(tx, schema, &result.images)?;
     tx.execute("DELETE FROM ferry_inflight WHERE batch_seq = ?1", [batch_seq])?;
-    set_applying(&tx, false)?;
-    tx.commit()?;
+    set_applying(tx, false)?;
     Ok(())
 }
 

@@ -64,8 +64,6 @@ pub enum Input {
     Refused(ErrorBody),
     /// The pause asked by [`Command::Sleep`] is over.
     Slept,
-    /// The result was applied to the local database.
-    ResultApplied,
 }
 
 /// What the machine asks the driver to do next.
@@ -83,8 +81,9 @@ pub enum Command {
     },
     /// Wait, then report [`Input::Slept`].
     Sleep(Duration),
-    /// Apply this result locally, then report [`Input::ResultApplied`].
-    ApplyResult(BatchResult),
+    /// Apply this result locally and, in the same local transaction, load the next batch as
+    /// [`Command::LoadNextBatch`] does; report [`Input::BatchLoaded`].
+    ApplyResultAndLoadNext(BatchResult),
     /// Store this result durably, then apply it while uploading `next` (its first attempt,
     /// cutting the batch after it once the result is applied), and report
     /// [`Input::AppliedBeside`] with the upload's outcome.
@@ -220,10 +219,10 @@ impl SendMachine {
                 self.state = State::Uploading { batch: batch.clone(), failures };
                 Command::Upload { batch, cut_ahead: false }
             }
-            (State::Applying, Input::ResultApplied) => {
+            (State::Applying, Input::BatchLoaded(loaded)) => {
                 self.batch_done();
                 self.state = State::Loading;
-                Command::LoadNextBatch
+                self.step(Input::BatchLoaded(loaded))
             }
             (State::ApplyingBeside { next }, Input::AppliedBeside(answer)) => {
                 self.batch_done();
@@ -277,7 +276,7 @@ impl SendMachine {
             }
             _ => {
                 self.state = State::Applying;
-                Command::ApplyResult(result)
+                Command::ApplyResultAndLoadNext(result)
             }
         }
     }
@@ -339,14 +338,13 @@ mod tests {
             panic!()
         };
         assert_eq!(up, b1);
-        let Command::ApplyResult(r) = m.step(Input::Answered(result(&b1))) else { panic!() };
+        let Command::ApplyResultAndLoadNext(r) = m.step(Input::Answered(result(&b1))) else { panic!() };
         assert_eq!(r.batch_seq, 1);
-        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
-        assert_eq!(m.progress(), Progress { events_sent: 2, events_total: 3, batches_sent: 1, batches_total: 2 });
+        // Applying batch 1's answer loaded batch 2, which goes next.
         let b2 = batch(2, &[3]);
         assert!(matches!(m.step(Input::BatchLoaded(Some(b2.clone()))), Command::Upload { cut_ahead: true, .. }));
-        assert!(matches!(m.step(Input::Answered(result(&b2))), Command::ApplyResult(_)));
-        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
+        assert_eq!(m.progress(), Progress { events_sent: 2, events_total: 3, batches_sent: 1, batches_total: 2 });
+        assert!(matches!(m.step(Input::Answered(result(&b2))), Command::ApplyResultAndLoadNext(_)));
         let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
         assert_eq!(report, SendReport { batches: 2, events_applied: 3, events_failed: 0, events_not_applied: 0 });
     }
@@ -374,11 +372,11 @@ mod tests {
         };
         assert_eq!(next, b3);
         // Batch 3's answer came back beside batch 2's apply, with nothing cut after it.
-        let Command::ApplyResult(r) = m.step(Input::AppliedBeside(Box::new(Input::Answered(result(&b3))))) else {
+        let Command::ApplyResultAndLoadNext(r) = m.step(Input::AppliedBeside(Box::new(Input::Answered(result(&b3)))))
+        else {
             panic!()
         };
         assert_eq!(r.batch_seq, 3);
-        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
         let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
         assert_eq!((report.batches, report.events_applied), (3, 3));
     }
@@ -392,8 +390,12 @@ mod tests {
         let mut r = result(&b1);
         r.outcomes[1].outcome = Outcome::NotApplied;
         // Applied on its own: the driver's apply drops the batch cut ahead, loading cuts again.
-        assert!(matches!(m.step(Input::AnsweredWithNext(r, b2)), Command::ApplyResult(_)));
-        assert!(matches!(m.step(Input::ResultApplied), Command::LoadNextBatch));
+        assert!(matches!(m.step(Input::AnsweredWithNext(r, b2.clone())), Command::ApplyResultAndLoadNext(_)));
+        // The batch cut again after the answer is the one that goes.
+        let Command::Upload { batch: up, cut_ahead: true } = m.step(Input::BatchLoaded(Some(b2.clone()))) else {
+            panic!()
+        };
+        assert_eq!((up, m.report().batches), (b2, 1));
     }
 
     #[test]
@@ -410,7 +412,7 @@ mod tests {
             assert_eq!(again, b, "a retry must re-send the same batch");
         }
         assert_eq!(sleeps, [100, 200, 400].map(Duration::from_millis));
-        assert!(matches!(m.step(Input::Answered(result(&b))), Command::ApplyResult(_)));
+        assert!(matches!(m.step(Input::Answered(result(&b))), Command::ApplyResultAndLoadNext(_)));
     }
 
     #[test]

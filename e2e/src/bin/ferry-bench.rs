@@ -855,6 +855,7 @@ impl Bench {
         let served = self.server(db, false).await?;
         let mut peaks = Peaks::new(&served.server);
         let (mut rates, mut p50s, mut p99s, mut mems) = (vec![], vec![], vec![], vec![]);
+        let (mut cpu_devices, mut cpu_servers) = (vec![], vec![]);
         for run in 0..self.mode.runs {
             let mut clients = Vec::with_capacity(devices);
             for d in 0..devices {
@@ -889,6 +890,9 @@ impl Bench {
             let secs = t0.elapsed().as_secs_f64();
             ensure!(applied == devices as u64 * per_device, "applied {applied}");
             let (_, s) = peaks.read();
+            let (cpu_device, cpu_server) = peaks.cpu();
+            cpu_devices.push(cpu_device * 1e6 / applied as f64);
+            cpu_servers.push(cpu_server * 1e6 / applied as f64);
             let mut l = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
             l.sort_by(f64::total_cmp);
             let pct = |p: f64| l.get(((l.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
@@ -903,6 +907,10 @@ impl Bench {
         self.report.add(format!("many-devices-{name}-p50"), "ms", Goal::Report, p50s, "batch latency, median");
         self.report.add(format!("many-devices-{name}-p99"), "ms", Goal::AtMost(1000.0), p99s, "batch latency, p99");
         self.report.add(format!("many-devices-{name}-server-rss"), "MiB", Goal::Report, mems, "server peak RSS");
+        let what = "CPU time of all the devices (this process), per event";
+        self.report.add(format!("cpu-device-many-{name}"), "µs/event", Goal::Report, cpu_devices, what);
+        let what = "CPU time of ferry-server, per event (PostgreSQL's own processes not counted)";
+        self.report.add(format!("cpu-server-many-{name}"), "µs/event", Goal::Report, cpu_servers, what);
         Ok(())
     }
 
