@@ -2,8 +2,7 @@
 //! on stdout and returns how it ended.
 
 use anyhow::{Context, bail};
-use ferry_client::engine::batcher::Entry;
-use ferry_client::ferry_protocol::Row;
+use ferry_client::ferry_protocol::{LogEntry, Row};
 use ferry_client::{BatchLimits, EventStatus, PendingEvent, ReceiveReport, SendReport};
 use serde_json::{Value as Json, json};
 
@@ -151,11 +150,12 @@ fn failed_events(dev: &Device) -> anyhow::Result<Vec<PendingEvent>> {
 /// Batches the next send would upload (an in-flight one plus the planned ones) and pending
 /// checkpoints, computed the way `send` does.
 fn planned_batches(dev: &Device) -> anyhow::Result<(u64, u64)> {
+    let schema = dev.client.schema()?.context("no schema installed")?;
     Ok(dev.client.with_connection(|conn| {
-        let entries = ferry_client::db::log::pending_batch_entries(conn)?;
+        let entries = ferry_client::db::log::pending_entries(conn, &schema)?;
         let planned = ferry_client::engine::batcher::plan(&entries, &BatchLimits::default()).len() as u64;
         let inflight = ferry_client::db::log::inflight_batch(conn)?.is_some();
-        let checkpoints = entries.iter().filter(|e| **e == Entry::Checkpoint).count() as u64;
+        let checkpoints = entries.iter().filter(|e| matches!(e, LogEntry::Checkpoint(_))).count() as u64;
         Ok((planned + u64::from(inflight), checkpoints))
     })?)
 }

@@ -449,11 +449,13 @@ impl Client {
         let want_plan = progress.is_some();
         let (events_total, batches_total) = self
             .in_background(move |conn| {
-                db::stored_schema(conn)?.ok_or(Error::NoSchema)?;
-                // Planning the batches reads the whole pending log (though no event is decoded):
-                // only a progress report needs it.
+                let schema = db::stored_schema(conn)?.ok_or(Error::NoSchema)?;
+                // Planning the batches reads the whole pending log: only a progress report needs it.
                 let batches_total = match want_plan {
-                    true => db::log::inflight_batches(conn)?.len() as u64 + db::log::planned_batches(conn, &limits)?,
+                    true => {
+                        let inflight = db::log::inflight_batches(conn)?.len() as u64;
+                        inflight + db::log::planned_batches(conn, &schema, &limits)?
+                    }
                     false => 0,
                 };
                 Ok((db::log::unsent_count(conn)?, batches_total))
@@ -473,9 +475,8 @@ impl Client {
                     let (answer, next) = if cut_ahead {
                         // The device cuts the next batch while the server applies this one.
                         let rows = db::log::BatchRows::of(&batch);
-                        let cut = self.in_local_transaction(move |tx, schema| {
-                            db::log::cut_ahead_in(tx, schema, &limits, &rows)
-                        });
+                        let cut = self
+                            .in_local_transaction(move |tx, schema| db::log::cut_ahead_in(tx, schema, &limits, &rows));
                         let (answer, next) = tokio::join!(self.upload_with_blobs(&batch), cut);
                         // A local failure stops the send; an answer dropped here is replayed by
                         // the server when the batch is sent again.

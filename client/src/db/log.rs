@@ -1,11 +1,10 @@
 //! The pending log (`ferry_log`): reading entries to batch, and the failed-events API (R6).
 
-use ferry_protocol::{Event, FailureCode, Key, Op, Row, Schema, Table};
+use ferry_protocol::{Checkpoint, Event, FailureCode, Key, LogEntry, Op, Row, Schema, Table};
 use rusqlite::{Connection, OptionalExtension, Row as SqlRow, params};
 
 use crate::db::values::{key_from_json, row_from_json, upsert_row, value_to_json};
 use crate::db::{quote, set_applying};
-use crate::engine::batcher::{BatchLimits, Entry, next_batch};
 use crate::error::{Error, Result};
 
 /// The status of a log entry.
@@ -153,43 +152,49 @@ fn to_event(schema: &Schema, e: &RawEntry) -> Result<Event> {
     })
 }
 
-/// The stored size of a log entry's event, as [`Entry::Event`] defines it: read by SQL, without
-/// decoding the event (`octet_length` reads no overflow pages).
-const ENTRY_SIZE: &str = "octet_length(tbl) + coalesce(octet_length(pk), 0) + coalesce(octet_length(new_row), 0) \
-                          + coalesce(octet_length(changed), 0) + coalesce(octet_length(previous), 0)";
-
-/// What the batcher sees of the entries `send` may batch, in device order: pending events and
-/// checkpoints. Rejected and in-flight events are skipped (rejected ones stay in the log until
-/// retried or discarded).
-pub fn pending_batch_entries(conn: &Connection) -> Result<Vec<Entry>> {
-    Ok(pending_window(conn, 0, i64::MAX, WindowEnd::Limit)?.into_iter().map(|(_, e)| e).collect())
+/// The entries `send` may batch, in device order: pending events and checkpoints. Rejected and
+/// in-flight events are skipped (rejected ones stay in the log until retried or discarded).
+pub fn pending_entries(conn: &Connection, schema: &Schema) -> Result<Vec<LogEntry>> {
+    pending_window(conn, schema, 0, i64::MAX, WindowEnd::Limit)
 }
 
 /// How many batches the pending log makes, as successive `send` calls would cut it (the number
-/// of [`crate::engine::batcher::plan`] of [`pending_batch_entries`]), reading the log a window
-/// at a time so that memory stays flat whatever the backlog, and decoding no event.
-pub fn planned_batches(conn: &Connection, limits: &BatchLimits) -> Result<u64> {
+/// of [`crate::engine::batcher::plan`] of [`pending_entries`]), reading the log a window at a time
+/// so that memory stays flat whatever the backlog.
+pub fn planned_batches(
+    conn: &Connection,
+    schema: &Schema,
+    limits: &crate::engine::batcher::BatchLimits,
+) -> Result<u64> {
     let mut batches = 0;
     let mut after = 0;
     loop {
-        let entries = window_for_cut(conn, after, limits)?;
-        let cut = next_batch(&entries.iter().map(|(_, e)| *e).collect::<Vec<_>>(), limits);
+        let entries = window_for_cut(conn, schema, after, limits)?;
+        let cut = crate::engine::batcher::next_batch(&entries, limits);
         if cut.events > 0 {
             batches += 1;
         }
-        let Some((last_seq, _)) = cut.consumed.checked_sub(1).and_then(|i| entries.get(i)) else { return Ok(batches) };
-        after = *last_seq;
+        let Some(last) = cut.consumed.checked_sub(1).and_then(|i| entries.get(i)) else { return Ok(batches) };
+        after = match last {
+            LogEntry::Event(e) => e.seq as i64,
+            LogEntry::Checkpoint(c) => c.seq as i64,
+        };
     }
 }
 
-/// The pending entries after seq `after` (with their seqs), as many as the next cut needs: a
-/// window a little larger than a batch, grown while the cut reaches its end (a local
-/// transaction may continue past it), and ending at the first checkpoint after an event (a
-/// batch never crosses one), so cutting costs the batch's size, not the backlog's.
-fn window_for_cut(conn: &Connection, after: i64, limits: &BatchLimits) -> Result<Vec<(i64, Entry)>> {
+/// The pending entries after seq `after`, as many as the next cut needs: a window a little
+/// larger than a batch, grown while the cut reaches its end (a local transaction may continue
+/// past it), and ending at the first checkpoint after an event (a batch never crosses one), so
+/// cutting costs the batch's size, not the backlog's.
+fn window_for_cut(
+    conn: &Connection,
+    schema: &Schema,
+    after: i64,
+    limits: &crate::engine::batcher::BatchLimits,
+) -> Result<Vec<LogEntry>> {
     let mut window = limits.max_events.saturating_add(1).max(64) as i64;
     loop {
-        let entries = pending_window(conn, after, window, WindowEnd::BatchEnd)?;
+        let entries = pending_window(conn, schema, after, window, WindowEnd::BatchEnd)?;
         if (entries.len() as i64) < window || cut_fits(&entries, limits) {
             return Ok(entries);
         }
@@ -206,45 +211,30 @@ enum WindowEnd {
     BatchEnd,
 }
 
-/// The first `limit` entries of [`pending_batch_entries`] after seq `after`, with their seqs
-/// (fewer with [`WindowEnd::BatchEnd`]).
-fn pending_window(conn: &Connection, after: i64, limit: i64, end: WindowEnd) -> Result<Vec<(i64, Entry)>> {
+/// The first `limit` entries of [`pending_entries`] after seq `after` (fewer with
+/// [`WindowEnd::BatchEnd`]). Entries are decoded as they are read, so a window that stops early
+/// costs only what it holds.
+fn pending_window(conn: &Connection, schema: &Schema, after: i64, limit: i64, end: WindowEnd) -> Result<Vec<LogEntry>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT seq, tx, kind = 'checkpoint', {ENTRY_SIZE} FROM ferry_log
-         WHERE seq > ?1 AND (status = 'pending' OR kind = 'checkpoint') ORDER BY seq LIMIT ?2"
+        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE seq > ?1 AND (status = 'pending' OR kind = 'checkpoint')
+         ORDER BY seq LIMIT ?2"
     ))?;
     let mut rows = stmt.query([after, limit])?;
     let mut entries = Vec::new();
     let mut has_event = false;
     while let Some(row) = rows.next()? {
-        let seq: i64 = row.get(0)?;
-        if row.get(2)? {
-            entries.push((seq, Entry::Checkpoint));
+        let e = raw(row)?;
+        if e.kind == "checkpoint" {
+            entries.push(LogEntry::Checkpoint(Checkpoint { seq: e.seq as u64 }));
             if has_event && end == WindowEnd::BatchEnd {
                 break;
             }
         } else {
-            let tx = row.get::<_, Option<i64>>(1)?.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
-            let size = row.get::<_, Option<i64>>(3)?.and_then(|s| usize::try_from(s).ok()).unwrap_or(0);
-            entries.push((seq, Entry::Event { tx, size }));
+            entries.push(LogEntry::Event(to_event(schema, &e)?));
             has_event = true;
         }
     }
     Ok(entries)
-}
-
-/// The pending events with seqs from `first` to `last`, decoded, in order: a batch's events.
-fn pending_events_between(conn: &Connection, schema: &Schema, first: i64, last: i64) -> Result<Vec<Event>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM ferry_log
-         WHERE seq BETWEEN ?1 AND ?2 AND status = 'pending' AND kind <> 'checkpoint' ORDER BY seq"
-    ))?;
-    let mut rows = stmt.query([first, last])?;
-    let mut events = Vec::new();
-    while let Some(row) = rows.next()? {
-        events.push(to_event(schema, &raw(row)?)?);
-    }
-    Ok(events)
 }
 
 /// Appends a checkpoint to the log (R3).
@@ -389,7 +379,7 @@ pub fn discard(conn: &mut Connection, schema: &Schema, seq: i64) -> Result<()> {
 pub fn prepare_next_batch(
     conn: &mut Connection,
     schema: &Schema,
-    limits: &BatchLimits,
+    limits: &crate::engine::batcher::BatchLimits,
 ) -> Result<Option<ferry_protocol::Batch>> {
     let tx = conn.transaction()?;
     let batch = prepare_next_batch_in(&tx, schema, limits)?;
@@ -401,7 +391,7 @@ pub fn prepare_next_batch(
 pub fn prepare_next_batch_in(
     tx: &Connection,
     schema: &Schema,
-    limits: &BatchLimits,
+    limits: &crate::engine::batcher::BatchLimits,
 ) -> Result<Option<ferry_protocol::Batch>> {
     match inflight_batch(tx)? {
         Some(batch) => Ok(Some(batch)),
@@ -423,7 +413,7 @@ pub fn prepare_next_batch_in(
 pub fn cut_ahead(
     conn: &mut Connection,
     schema: &Schema,
-    limits: &BatchLimits,
+    limits: &crate::engine::batcher::BatchLimits,
     current: &BatchRows,
 ) -> Result<Option<ferry_protocol::Batch>> {
     let tx = conn.transaction()?;
@@ -437,7 +427,7 @@ pub fn cut_ahead(
 pub fn cut_ahead_in(
     conn: &Connection,
     schema: &Schema,
-    limits: &BatchLimits,
+    limits: &crate::engine::batcher::BatchLimits,
     current: &BatchRows,
 ) -> Result<Option<ferry_protocol::Batch>> {
     let inflight: Vec<i64> = {
@@ -489,54 +479,61 @@ impl BatchRows {
 fn cut_and_persist(
     tx: &Connection,
     schema: &Schema,
-    limits: &BatchLimits,
+    limits: &crate::engine::batcher::BatchLimits,
     avoid: Option<&std::collections::HashSet<(String, String)>>,
 ) -> Result<Option<ferry_protocol::Batch>> {
-    let window = window_for_cut(tx, 0, limits)?;
-    let entries: Vec<Entry> = window.iter().map(|(_, e)| *e).collect();
+    let entries = window_for_cut(tx, schema, 0, limits)?;
     // Cuts that consume only checkpoints are skipped; the first cut with events is the batch.
     let mut start = 0;
-    let end = loop {
-        let cut = next_batch(&entries[start..], limits);
+    let mut end = loop {
+        let cut = crate::engine::batcher::next_batch(&entries[start..], limits);
         if cut.events > 0 || cut.consumed == 0 {
             break start + cut.consumed;
         }
         start += cut.consumed;
     };
-    let taken = &window[..end];
-    if avoid.is_some() && taken.iter().any(|(_, e)| *e == Entry::Checkpoint) {
-        return Ok(None);
+    if let Some(avoid) = avoid {
+        if entries[..end].iter().any(|e| matches!(e, LogEntry::Checkpoint(_))) {
+            return Ok(None);
+        }
+        let clash = entries[start..end].iter().find_map(|e| match e {
+            LogEntry::Event(ev) if avoid.contains(&(ev.table.clone(), ev.key.to_string())) => Some(ev.tx),
+            _ => None,
+        });
+        if let Some(tx_id) = clash {
+            // Whole local transactions only: end before the first event of the clashing one.
+            end = entries[start..end]
+                .iter()
+                .position(|e| matches!(e, LogEntry::Event(ev) if ev.tx == tx_id))
+                .map_or(end, |p| start + p);
+        }
     }
     {
         let mut delete_checkpoint =
             tx.prepare_cached("DELETE FROM ferry_log WHERE seq = ?1 AND kind = 'checkpoint'")?;
-        for (seq, entry) in taken {
-            if *entry == Entry::Checkpoint {
-                delete_checkpoint.execute([seq])?;
+        for entry in &entries[..end] {
+            if let LogEntry::Checkpoint(c) = entry {
+                delete_checkpoint.execute([c.seq as i64])?;
             }
         }
     }
-    let event_seqs = || taken[start..].iter().filter(|(_, e)| *e != Entry::Checkpoint).map(|(seq, _)| *seq);
-    let (Some(first), Some(last)) = (event_seqs().next(), event_seqs().next_back()) else {
-        return Ok(None);
-    };
-    // The batch is a run of consecutive pending entries (the window holds every pending event and
-    // checkpoint in order, and its checkpoints are deleted above), so its events are exactly the
-    // pending events between its first and last seq.
-    let mut batch = pending_events_between(tx, schema, first, last)?;
-    if let Some(avoid) = avoid {
-        let clash = batch.iter().find(|ev| avoid.contains(&(ev.table.clone(), ev.key.to_string()))).map(|ev| ev.tx);
-        if let Some(tx_id) = clash {
-            // Whole local transactions only: end before the first event of the clashing one.
-            let keep = batch.iter().position(|ev| ev.tx == tx_id).unwrap_or(batch.len());
-            batch.truncate(keep);
-        }
-    }
+    let batch: Vec<Event> = entries
+        .into_iter()
+        .take(end)
+        .skip(start)
+        .filter_map(|e| match e {
+            LogEntry::Event(ev) => Some(ev),
+            LogEntry::Checkpoint(_) => None,
+        })
+        .collect();
     let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
         return Ok(None);
     };
     let batch_seq = crate::db::next_batch_seq(tx)?;
     let device_id = crate::db::device_id(tx)?;
+    // The batch is a run of consecutive pending entries (the window holds every pending event and
+    // checkpoint in order, and its checkpoints are deleted above), so its events are exactly the
+    // pending events between its first and last seq.
     let marked = tx
         .prepare_cached(
             "UPDATE ferry_log SET status = 'in_flight', batch_seq = ?1
@@ -572,11 +569,10 @@ pub fn unflight_after(conn: &Connection, batch_seq: i64) -> Result<()> {
 
 /// Whether the next batch cut from `entries` (leading checkpoints skipped) ends before the last
 /// entry, so that entries beyond them cannot change it.
-fn cut_fits(entries: &[(i64, Entry)], limits: &BatchLimits) -> bool {
-    let entries: Vec<Entry> = entries.iter().map(|(_, e)| *e).collect();
-    let mut rest = entries.as_slice();
+fn cut_fits(entries: &[LogEntry], limits: &crate::engine::batcher::BatchLimits) -> bool {
+    let mut rest = entries;
     loop {
-        let cut = next_batch(rest, limits);
+        let cut = crate::engine::batcher::next_batch(rest, limits);
         if cut.events > 0 || cut.consumed == 0 {
             return cut.consumed < rest.len();
         }

@@ -1,9 +1,6 @@
 //! Cutting the pending log into batches (R3). Pure: no I/O.
-//!
-//! The batcher sees only what it needs of each log entry ([`Entry`]: checkpoint, or an event's
-//! local transaction and size), which SQL reads without decoding a single event. So the cut of
-//! `send`, the progress estimate of `send_with_progress` and the batch count of `ferry status`
-//! are one computation, and only the events a batch takes are ever decoded.
+
+use ferry_protocol::{Event, LogEntry};
 
 /// Size limits of one batch. A single local transaction larger than the limits still goes,
 /// alone and whole: transactions are never split.
@@ -11,7 +8,7 @@
 pub struct BatchLimits {
     /// Maximum number of events.
     pub max_events: usize,
-    /// Maximum size of the events, in bytes, as the log stores them (see [`Entry::Event`]).
+    /// Maximum approximate encoded size of the events, in bytes (see [`event_size`]).
     pub max_bytes: usize,
 }
 
@@ -21,20 +18,9 @@ impl Default for BatchLimits {
     }
 }
 
-/// What the batcher knows of one entry of the pending log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// A checkpoint: no batch crosses it.
-    Checkpoint,
-    /// An event of local transaction `tx`. `size` is the bytes of its table name, key, values,
-    /// changed columns and previous values as the log holds them (JSON text): about the size of
-    /// its postcard encoding, which spells the column names too.
-    Event {
-        /// Local transaction id.
-        tx: u64,
-        /// Stored size in bytes.
-        size: usize,
-    },
+/// The approximate encoded size of an event: its postcard length (counted, not encoded).
+pub fn event_size(event: &Event) -> usize {
+    postcard::experimental::serialized_size(event).unwrap_or(0)
 }
 
 /// Where the next batch ends.
@@ -53,26 +39,31 @@ pub struct Cut {
 /// (runs of consecutive events with the same `tx`) are added while they fit the limits; the
 /// batch ends at the first checkpoint (consumed) or before the transaction that would exceed a
 /// limit. The first transaction of a batch is always taken, even if alone it exceeds the limits.
-pub fn next_batch(entries: &[Entry], limits: &BatchLimits) -> Cut {
+pub fn next_batch(entries: &[LogEntry], limits: &BatchLimits) -> Cut {
+    next_batch_with(entries, limits, event_size)
+}
+
+/// [`next_batch`] with a custom event size function (for tests).
+pub fn next_batch_with(entries: &[LogEntry], limits: &BatchLimits, size: impl Fn(&Event) -> usize) -> Cut {
     let mut i = 0;
-    while matches!(entries.get(i), Some(Entry::Checkpoint)) {
+    while matches!(entries.get(i), Some(LogEntry::Checkpoint(_))) {
         i += 1;
     }
     let mut events = 0usize;
     let mut bytes = 0usize;
-    while let Some(&entry) = entries.get(i) {
-        let Entry::Event { tx: first_tx, .. } = entry else {
+    while let Some(entry) = entries.get(i) {
+        let LogEntry::Event(first) = entry else {
             // The checkpoint ending this batch.
             i += 1;
             break;
         };
         let mut end = i;
         let mut group_bytes = 0usize;
-        while let Some(&Entry::Event { tx, size }) = entries.get(end) {
-            if tx != first_tx {
+        while let Some(LogEntry::Event(e)) = entries.get(end) {
+            if e.tx != first.tx {
                 break;
             }
-            group_bytes = group_bytes.saturating_add(size);
+            group_bytes += size(e);
             end += 1;
         }
         let group_events = end - i;
@@ -87,21 +78,26 @@ pub fn next_batch(entries: &[Entry], limits: &BatchLimits) -> Cut {
 }
 
 /// Splits all of `entries` into batches as successive `send` calls would (for progress
-/// estimates and tests): the indices in `entries` of each batch's events.
-pub fn plan(entries: &[Entry], limits: &BatchLimits) -> Vec<Vec<usize>> {
+/// estimates and tests): the events of each batch.
+pub fn plan<'a>(entries: &'a [LogEntry], limits: &BatchLimits) -> Vec<Vec<&'a Event>> {
     let mut out = Vec::new();
-    let mut done = 0;
-    while done < entries.len() {
-        let cut = next_batch(&entries[done..], limits);
-        if cut.consumed == 0 {
-            break;
-        }
-        let batch: Vec<usize> =
-            (done..done + cut.consumed).filter(|&i| matches!(entries[i], Entry::Event { .. })).collect();
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let cut = next_batch(rest, limits);
+        let batch: Vec<&Event> = rest[..cut.consumed]
+            .iter()
+            .filter_map(|e| match e {
+                LogEntry::Event(ev) => Some(ev),
+                LogEntry::Checkpoint(_) => None,
+            })
+            .collect();
         if !batch.is_empty() {
             out.push(batch);
         }
-        done += cut.consumed;
+        if cut.consumed == 0 {
+            break;
+        }
+        rest = &rest[cut.consumed..];
     }
     out
 }
