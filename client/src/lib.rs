@@ -434,6 +434,8 @@ impl Client {
     /// Only one send runs at a time per device database in this process: a concurrent call gets
     /// [`Error::AlreadyRunning`]. On a transport failure the same batch is retried with backoff;
     /// if every attempt fails the batch stays in flight and the next `send` re-sends it unchanged.
+    /// Its database work runs on tokio's blocking threads, so awaiting it never stalls the
+    /// runtime; the app's own writes wait for the device database while a step holds it.
     pub async fn send(&self) -> Result<SendReport> {
         self.send_inner(None).await
     }
