@@ -492,8 +492,12 @@ impl Client {
                     // The server keeps only its last answer: this one is stored before the next
                     // upload can replace it, then applied while that upload is on the wire; in
                     // the same local transaction, the batch after `next` is cut.
-                    let stored = result.clone();
-                    self.in_background(move |conn| db::log::store_result(conn, &stored)).await?;
+                    let result = self
+                        .in_background(move |conn| {
+                            db::log::store_result(conn, &result)?;
+                            Ok(result)
+                        })
+                        .await?;
                     let rows = db::log::BatchRows::of(&next);
                     let apply = self.in_local_transaction(move |tx, schema| {
                         engine::apply::apply_result_in(tx, schema, &result)?;
