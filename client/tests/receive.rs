@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use ferry_client::db::schema::only_capture_triggers;
 use ferry_client::ferry_protocol::{
     BatchResult, BlobRef, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, EventOutcome, Key, Outcome,
     Removal, TableRows, Value,
@@ -354,6 +355,11 @@ async fn a_foreign_key_violation_rolls_back_the_whole_receive() {
     assert_eq!((state.resume, state.staged_pages, state.complete), (None, 0, false), "staged pages dropped");
     assert_eq!(scalar_i64(&c, "SELECT applying FROM ferry_ctl"), Some(0));
     assert!(log(&c).is_empty());
+    // Capture works again after the failed apply (which ran with the triggers switched off).
+    c.transaction(|tx| tx.execute("UPDATE customer SET city = 'Oslo' WHERE id = 10", [])).unwrap();
+    assert_eq!(log(&c).len(), 1);
+    c.transaction(|tx| tx.execute("UPDATE customer SET city = NULL WHERE id = 10", [])).unwrap();
+    c.transaction(|tx| tx.execute("DELETE FROM ferry_log", [])).unwrap();
 
     // The next receive starts over from the stored cursor.
     feed.seen();
@@ -450,6 +456,46 @@ async fn received_versions_become_base_versions_of_local_changes() {
     assert_eq!(log.len(), 2);
     assert_eq!((log[0].kind.as_str(), log[0].base_version), ("update", Some(2)));
     assert_eq!((log[1].kind.as_str(), log[1].base_version), ("delete", Some(4)));
+}
+
+#[tokio::test]
+async fn the_app_s_own_triggers_fire_for_received_rows() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = client_for(&dir, &url, 3);
+    let only_capture = |c: &Client| c.with_connection(|conn| only_capture_triggers(conn, &schema())).unwrap();
+    assert!(only_capture(&c), "a fresh device has only Ferry's capture triggers");
+    c.transaction(|tx| {
+        tx.execute_batch(
+            "CREATE TABLE customer_audit(id INTEGER, name TEXT);
+             CREATE TRIGGER app_customer_audit AFTER INSERT ON customer
+             BEGIN INSERT INTO customer_audit VALUES (NEW.id, NEW.name); END;",
+        )
+    })
+    .unwrap();
+    assert!(!only_capture(&c));
+
+    c.receive().await.unwrap();
+    assert_eq!(
+        scalar_text(&c, "SELECT group_concat(id || ' ' || name, ',') FROM (SELECT * FROM customer_audit ORDER BY id)")
+            .unwrap(),
+        "10 Ada,11 Bob"
+    );
+    assert!(log(&c).is_empty(), "the received rows were not captured");
+
+    // A temporary trigger of the connection counts as the app's too.
+    c.transaction(|tx| tx.execute_batch("DROP TRIGGER app_customer_audit")).unwrap();
+    assert!(only_capture(&c));
+    c.transaction(|tx| {
+        tx.execute_batch(
+            "CREATE TEMP TRIGGER app_customer_audit AFTER INSERT ON main.customer
+             BEGIN INSERT INTO customer_audit VALUES (NEW.id, NEW.name); END;",
+        )
+    })
+    .unwrap();
+    assert!(!only_capture(&c));
 }
 
 #[tokio::test]

@@ -121,8 +121,37 @@ pub(crate) fn key_array(r: &str, table: &Table) -> String {
     format!("json_array({args})")
 }
 
+/// What each of a table's capture triggers is for: the ends of their names.
+const CAPTURE_TRIGGERS: [&str; 4] = ["ins", "upd_guard", "upd", "del"];
+
+/// The name of one of `table`'s capture triggers (unquoted).
+fn capture_trigger(table: &Table, what: &str) -> String {
+    format!("ferry_{}_{what}", table.name)
+}
+
 fn trigger_name(table: &Table, what: &str) -> String {
-    quote(&format!("ferry_{}_{what}", table.name))
+    quote(&capture_trigger(table, what))
+}
+
+/// Whether the only triggers the connection sees (the database's and its own temporary ones) are
+/// the capture triggers of `schema`'s tables: then, while capture is off, no trigger would do
+/// anything, and a sync write may switch them off altogether (see
+/// [`crate::db::receive::apply_staged`]).
+pub fn only_capture_triggers(conn: &Connection, schema: &Schema) -> Result<bool> {
+    let ours: std::collections::HashSet<String> =
+        schema.tables.iter().flat_map(|t| CAPTURE_TRIGGERS.iter().map(move |what| capture_trigger(t, what))).collect();
+    let mut stmt = conn.prepare_cached(
+        "SELECT name FROM main.sqlite_schema WHERE type = 'trigger' \
+         UNION ALL SELECT name FROM temp.sqlite_schema WHERE type = 'trigger'",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let name: String = row.get(0)?;
+        if !ours.contains(&name) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 const CAPTURING: &str = "(SELECT applying FROM ferry_ctl WHERE id = 1) = 0";
@@ -132,7 +161,7 @@ pub fn triggers_sql(table: &Table) -> String {
     let t = quote(&table.name);
     let name = &table.name;
     let mut sql = String::new();
-    for what in ["ins", "upd_guard", "upd", "del"] {
+    for what in CAPTURE_TRIGGERS {
         sql.push_str(&format!("DROP TRIGGER IF EXISTS {};\n", trigger_name(table, what)));
     }
     let base_version = versions::lookup_sql(table, "OLD");
