@@ -216,8 +216,9 @@ pub(crate) fn quote(ident: &str) -> String {
 }
 
 /// The change-feed version of the row at alias `alias` of `table`, as a scalar subquery (NULL
-/// when the row has no entry). On PostgreSQL a table keyed by one integer is searched by that
-/// integer ([`pg::integer_key`]), any other by its key text.
+/// when the row has no entry). A table keyed by one integer is searched by that integer
+/// ([`pg::integer_key`], [`sqlite::integer_key`]: an index of integers is cheaper to search than
+/// one of texts, and nothing needs building per row), any other by its key text.
 ///
 /// `LIMIT 1` states what the primary key already guarantees, for PostgreSQL's planner: without
 /// statistics on `ferry_rows` (a table just loaded, before autovacuum's first analyze) it expects
@@ -226,7 +227,11 @@ pub(crate) fn quote(ident: &str) -> String {
 pub(crate) fn version_of(backend: Backend, table: &ferry_protocol::Table, alias: &str) -> String {
     let cols: Vec<String> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
     let lookup = match backend {
-        Backend::Sqlite => format!("ferry_v.pk = json_array({})", cols.join(", ")),
+        Backend::Sqlite => match sqlite::integer_key(table, "ferry_v.pk") {
+            // `+` keeps the key text from being searched by: it only confirms the entry found.
+            Some(key) => format!("{key} = {} AND +ferry_v.pk = json_array({})", cols[0], cols[0]),
+            None => format!("ferry_v.pk = json_array({})", cols.join(", ")),
+        },
         Backend::Postgres => match pg::integer_key(table, "ferry_v") {
             Some(key) => format!("{key} = {}", cols[0]),
             None => format!("ferry_v.pk = {}", pg::key_text(table, &cols)),

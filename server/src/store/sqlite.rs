@@ -138,6 +138,9 @@ impl SqliteStore {
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             }
             sqlx::raw_sql(AssertSqlSafe(capture_triggers(&table.name, &table.primary_key))).execute(&mut *tx).await?;
+            if let Some(index) = integer_key_index(table) {
+                sqlx::query(AssertSqlSafe(index)).execute(&mut *tx).await?;
+            }
             // Rows written before the triggers existed join the feed at position 0.
             let backfill = format!(
                 "INSERT OR IGNORE INTO ferry_rows (tbl, pk, version, position, deleted) SELECT '{}', {}, 0, 0, 0 FROM {}",
@@ -159,6 +162,30 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// For a table keyed by one integer: that integer read back from the key text `pk` of a
+/// `ferry_rows` entry (`[5]` → 5; `pk` is the column as the statement names it). [`integer_key_index`] indexes it, with the version,
+/// so a row's version is one search of integers ([`super::version_of`]; a snapshot page looks
+/// up every row it serves). A key text that is not one integer reads as 0, and the lookup then
+/// confirms the text, so such a row's version reads as unknown rather than as another row's.
+pub(crate) fn integer_key(table: &Table, pk: &str) -> Option<String> {
+    let [key] = table.primary_key.as_slice() else { return None };
+    table.column(key).filter(|c| c.ty == ColumnType::Integer)?;
+    Some(format!("CAST(substr({pk}, 2, length({pk}) - 2) AS INTEGER)"))
+}
+
+/// The partial index of `ferry_rows` on [`integer_key`] and the version, for `table` if it has
+/// one integer key: it covers the version lookup. Every captured write keeps it up to date (one
+/// more index entry per change), which a receive repays: each row is written once and received
+/// by every device.
+fn integer_key_index(table: &Table) -> Option<String> {
+    let key = integer_key(table, "pk")?;
+    Some(format!(
+        "CREATE INDEX IF NOT EXISTS {} ON ferry_rows ({key}, version) WHERE tbl = '{}'",
+        quote(&format!("ferry_rows_key_{}", table.name)),
+        table.name
+    ))
 }
 
 /// Key expression over `NEW` or `OLD` — the same `json_array` form the apply engine binds.
@@ -653,6 +680,54 @@ mod tests {
             assert_eq!(ids.len(), limit as usize);
         }
         assert_eq!(conn.prepare_cached(sql).unwrap().get_status(StatementStatus::RePrepare), 0);
+    }
+
+    /// A row's version is found through the table's integer index of `ferry_rows` (covering:
+    /// no second search), and it is the version of that row's entry.
+    #[tokio::test]
+    async fn versions_of_integer_keyed_rows_are_one_search_of_a_covering_integer_index() {
+        use crate::schema_file::SchemaFile;
+        use crate::store::{Backend, version_of};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.db");
+        let store = super::SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        store.migrate().await.unwrap();
+        let file = SchemaFile::example();
+        store.install_schema(&file).await.unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO customer (id, name) VALUES (1, 'Ada'), (2, 'Bob'), (10, 'Cy');
+             UPDATE customer SET city = 'Oslo' WHERE id = 2;",
+        )
+        .unwrap();
+        let customer = file.schema.table("customer").unwrap();
+        let lookup =
+            format!("SELECT t.id, {} FROM customer t ORDER BY t.id", version_of(Backend::Sqlite, customer, "t"));
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {lookup}"))
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(plan.iter().any(|step| step.contains("COVERING INDEX ferry_rows_key_customer")), "{plan:?}");
+        let found: Vec<(i64, i64)> = conn
+            .prepare(&lookup)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected: Vec<(i64, i64)> = conn
+            .prepare("SELECT CAST(substr(pk, 2, length(pk) - 2) AS INTEGER), version FROM ferry_rows WHERE tbl = 'customer' ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(found, expected);
+        assert_eq!(found.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2, 10], "[10] is not read as 1");
+        assert!(found[1].1 > found[2].1, "the update gave row 2 the latest version");
     }
 }
 
