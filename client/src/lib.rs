@@ -624,7 +624,7 @@ impl Client {
                     machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }
                 Rc::Stage(page) => {
-                    self.in_background(move |conn| db::receive::stage_page(conn, &page)).await?;
+                    db::receive::stage_page(&mut self.lock(), &page)?;
                     if let Some(cb) = progress {
                         cb(machine.progress());
                     }
@@ -635,17 +635,15 @@ impl Client {
                     machine.step(Ri::Slept)
                 }
                 Rc::Restart => {
-                    self.in_background(db::receive::reset_cursor).await?;
+                    db::receive::reset_cursor(&mut self.lock())?;
                     machine.step(Ri::Restarted)
                 }
                 Rc::ApplyStaged => {
-                    // A large apply takes seconds: never on the app's runtime threads.
-                    let stats = self
-                        .in_background(|conn| {
-                            let schema = db::stored_schema(conn)?.ok_or(Error::NoSchema)?;
-                            db::receive::apply_staged(conn, &schema)
-                        })
-                        .await?;
+                    let stats = {
+                        let mut conn = self.lock();
+                        let schema = self.require_schema(&conn)?;
+                        db::receive::apply_staged(&mut conn, &schema)?
+                    };
                     machine.step(Ri::Applied(stats))
                 }
                 Rc::Finished(report) => {
