@@ -165,9 +165,10 @@ impl SqliteStore {
 }
 
 /// For a table keyed by one integer: that integer read back from the key text `pk` of a
-/// `ferry_rows` entry (`[5]` → 5; `pk` is the column as the statement names it). [`integer_key_index`] indexes it, with the version,
-/// so a row's version is one search of integers ([`super::version_of`]; a snapshot page looks
-/// up every row it serves). A key text that is not one integer reads as 0, and the lookup then
+/// `ferry_rows` entry (`[5]` → 5; `pk` is the column as the statement names it).
+/// [`integer_key_index`] indexes it, with the version, so a row's version is one search of
+/// integers ([`super::version_of`]; a snapshot page looks up every row it serves). The index
+/// is made with the schema, before anything is served: without it the lookup would scan. A key text that is not one integer reads as 0, and the lookup then
 /// confirms the text, so such a row's version reads as unknown rather than as another row's.
 pub(crate) fn integer_key(table: &Table, pk: &str) -> Option<String> {
     let [key] = table.primary_key.as_slice() else { return None };
