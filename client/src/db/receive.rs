@@ -114,7 +114,7 @@ pub fn apply_staged(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats
     let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
     conn.pragma_update(None, "cache_size", APPLY_CACHE_KIB)?;
     // With capture off, Ferry's triggers do nothing, yet SQLite still runs a trigger program for
-    // each written row to find that out (a fifth of the device's receive time). When they are the only
+    // each written row to find that out (about a sixth of the device's receive time). When they are the only
     // triggers there, the apply switches triggers off for this connection; the app's own
     // triggers, where there are any, keep firing for received rows.
     let quiet = only_capture_triggers(conn, schema)?;
