@@ -56,6 +56,9 @@ pub enum Error {
     /// starts over from the stored cursor.
     #[error("received changes could not be applied (nothing was changed): {0}")]
     ReceiveApply(String),
+    /// The receive's staging file beside the database could not be written or read.
+    #[error("receive staging: {0}")]
+    Staging(String),
     /// A local blob could not be stored, read or verified.
     #[error("blob: {0}")]
     Blob(String),

@@ -154,6 +154,7 @@ pub struct Client {
     blob_transport: Transport,
     local_blobs: blobs::LocalBlobs,
     blob_counters: blobs::Counters,
+    staging: db::staging::StagingFile,
 }
 
 impl std::fmt::Debug for Client {
@@ -211,6 +212,7 @@ impl Client {
             config.extra_ca_pem.as_deref(),
         )?;
         let local_blobs = blobs::LocalBlobs::for_database(&path);
+        let staging = db::staging::StagingFile::for_database(&path);
         Ok(Client {
             conn: Arc::new(Mutex::new(conn)),
             path,
@@ -219,6 +221,7 @@ impl Client {
             blob_transport,
             local_blobs,
             blob_counters: blobs::Counters::default(),
+            staging,
         })
     }
 
@@ -555,7 +558,8 @@ impl Client {
     /// Receives what changed on the server since the last receive (R9–R12) and applies it in one
     /// local transaction.
     ///
-    /// Pages are staged durably as they arrive: an interrupted receive (error, dropped
+    /// Pages are staged durably as they arrive, in a file beside the database (`<db
+    /// file>.receive`, removed once they are applied): an interrupted receive (error, dropped
     /// connection, app killed) resumes after the last complete page on the next call. Rows with
     /// unsent local changes are left alone (R12). An expired cursor restarts the receive in full.
     /// Only one receive runs at a time per device database in this process: a concurrent call
@@ -591,8 +595,9 @@ impl Client {
     async fn receive_inner(&self, progress: Option<&(dyn Fn(ReceiveProgress) + Send + Sync)>) -> Result<ReceiveReport> {
         let _guard = RunGuard::acquire(&RECEIVING, &self.path)?;
         let state = {
-            let conn = self.lock();
+            let mut conn = self.lock();
             self.require_schema(&conn)?;
+            db::receive::check_staging(&mut conn, &self.staging)?;
             db::receive::state(&conn)?
         };
         let rows_total = match progress {
@@ -612,7 +617,8 @@ impl Client {
                     // out meanwhile and the server works on it while the device stages.
                     let staged_progress = machine.progress();
                     let stage = async {
-                        self.in_background(move |conn| db::receive::stage_page(conn, &page)).await?;
+                        let staging = self.staging.clone();
+                        self.in_background(move |conn| db::receive::stage_page(conn, &staging, &page)).await?;
                         // Progress is reported once the page is staged, not when the next arrives.
                         if let Some(cb) = progress {
                             cb(staged_progress);
@@ -624,7 +630,7 @@ impl Client {
                     machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }
                 Rc::Stage(page) => {
-                    db::receive::stage_page(&mut self.lock(), &page)?;
+                    db::receive::stage_page(&mut self.lock(), &self.staging, &page)?;
                     if let Some(cb) = progress {
                         cb(machine.progress());
                     }
@@ -635,14 +641,14 @@ impl Client {
                     machine.step(Ri::Slept)
                 }
                 Rc::Restart => {
-                    db::receive::reset_cursor(&mut self.lock())?;
+                    db::receive::reset_cursor(&mut self.lock(), &self.staging)?;
                     machine.step(Ri::Restarted)
                 }
                 Rc::ApplyStaged => {
                     let stats = {
                         let mut conn = self.lock();
                         let schema = self.require_schema(&conn)?;
-                        db::receive::apply_staged(&mut conn, &schema)?
+                        db::receive::apply_staged(&mut conn, &self.staging, &schema)?
                     };
                     machine.step(Ri::Applied(stats))
                 }

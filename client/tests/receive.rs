@@ -320,6 +320,88 @@ async fn a_cut_receive_resumes_after_the_last_complete_page() {
     assert!(!dump(&c).is_empty());
 }
 
+/// The staging file beside the database of `dir`.
+fn staging_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("device.db.receive")
+}
+
+/// A receive of `full_snapshot` cut after two pages, by a client that is then dropped.
+async fn cut_after_two_pages(feed: &Feed, dir: &tempfile::TempDir, url: &str) {
+    feed.drop.lock().unwrap().insert("c2".into(), 1);
+    let c = client_for(dir, url, 1);
+    c.receive().await.unwrap_err();
+    assert_eq!(feed.seen(), ["", "c1", "c2"]);
+    assert_eq!(c.receive_state().unwrap().staged_pages, 2);
+    assert!(staging_file(dir).exists(), "the staged pages are in the staging file");
+}
+
+/// What an uninterrupted receive of `url`'s feed leaves on a fresh device.
+async fn uninterrupted(url: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client_for(&dir, url, 3);
+    c.receive().await.unwrap();
+    dump(&c)
+}
+
+#[tokio::test]
+async fn a_page_written_to_the_staging_file_but_never_committed_is_cut_off_on_resume() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    cut_after_two_pages(&feed, &dir, &url).await;
+    // A crash between writing a page and committing it leaves bytes the database does not count.
+    let mut file = std::fs::OpenOptions::new().append(true).open(staging_file(&dir)).unwrap();
+    std::io::Write::write_all(&mut file, &[9, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(file);
+
+    let c = client_for(&dir, &url, 1);
+    let report = c.receive().await.unwrap();
+    assert_eq!(feed.seen(), ["c2"], "resumed after the last committed page");
+    assert_eq!((report.pages_applied, report.rows_upserted), (3, 5));
+    assert_eq!(dump(&c), uninterrupted(&url).await);
+    assert!(!staging_file(&dir).exists(), "the staging file goes once its pages are applied");
+}
+
+#[tokio::test]
+async fn a_receive_whose_staging_file_was_lost_starts_over_from_the_stored_cursor() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    cut_after_two_pages(&feed, &dir, &url).await;
+    std::fs::remove_file(staging_file(&dir)).unwrap();
+
+    let c = client_for(&dir, &url, 1);
+    let report = c.receive().await.unwrap();
+    assert_eq!(feed.seen(), ["", "c1", "c2"], "every page fetched again");
+    assert_eq!((report.pages_applied, report.rows_upserted), (3, 5));
+    assert_eq!(dump(&c), uninterrupted(&url).await);
+}
+
+#[tokio::test]
+async fn a_staging_file_left_behind_by_an_applied_receive_is_not_applied_again() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = client_for(&dir, &url, 1);
+    c.receive().await.unwrap();
+    // A crash between the apply's commit and the file's removal leaves the file (here: garbage).
+    std::fs::write(staging_file(&dir), [0xff; 64]).unwrap();
+    feed.page("c3", page(false, vec![customers(&[(12, "Cy", 4)])], vec![removal("customer", 11)], "c4", true));
+    feed.seen();
+
+    let report = c.receive().await.unwrap();
+    assert_eq!((report.pages_applied, report.rows_upserted, report.rows_removed), (1, 1, 1));
+    assert_eq!(c.cursor().unwrap(), Cursor("c4".into()));
+    assert_eq!(
+        scalar_text(&c, "SELECT group_concat(id, ',') FROM (SELECT id FROM customer ORDER BY id)").unwrap(),
+        "10,12"
+    );
+    assert!(!staging_file(&dir).exists());
+}
+
 #[tokio::test]
 async fn a_transient_drop_is_retried_within_the_same_receive() {
     let feed = Arc::new(Feed::default());

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use ferry_client::db::receive::{apply_staged, stage_page};
+use ferry_client::db::staging::StagingFile;
 use ferry_client::ferry_protocol::{
     BatchResult, ChangePage, Cursor, EventOutcome, Failure, FailureCode, Key, Outcome, Removal, TableRows, Value,
 };
@@ -30,9 +31,11 @@ fn products(data: &[(i64, i64, u64)]) -> TableRows {
 /// Stages `page` and applies it through a second connection to the client's database (the
 /// client's own connection is idle between calls).
 fn receive(dir: &tempfile::TempDir, page: &ChangePage) -> ferry_client::engine::receive::ApplyStats {
-    let mut conn = ferry_client::db::open(&dir.path().join("device.db")).unwrap();
-    stage_page(&mut conn, page).unwrap();
-    apply_staged(&mut conn, &schema()).unwrap()
+    let path = dir.path().join("device.db");
+    let mut conn = ferry_client::db::open(&path).unwrap();
+    let staging = StagingFile::for_database(&path);
+    stage_page(&mut conn, &staging, page).unwrap();
+    apply_staged(&mut conn, &staging, &schema()).unwrap()
 }
 
 fn version(c: &Client, table: &str, id: i64) -> Option<i64> {

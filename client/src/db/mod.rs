@@ -13,12 +13,14 @@
 //!   the one being uploaded and at most one cut ahead; `result` holds the server's answer to the
 //!   first once it is stored to be applied beside the next upload (applied before anything else
 //!   if a crash came between);
-//! - `ferry_staged`: the pages of the receive in progress (postcard), applied together once the
-//!   last one is in; `ferry_meta` keys `cursor`, `receive_next` and `receive_full` track it.
+//! - `ferry_meta` keys `cursor` and `receive_*`: the receive in progress, whose pages are
+//!   staged in a file beside the database ([`staging`]) until the last one is in and all of
+//!   them are applied together ([`receive`]).
 
 pub mod log;
 pub mod receive;
 pub mod schema;
+pub mod staging;
 pub mod values;
 pub mod versions;
 
@@ -60,7 +62,6 @@ CREATE TABLE IF NOT EXISTS ferry_log(
 CREATE INDEX IF NOT EXISTS ferry_log_row ON ferry_log(tbl, pk);
 CREATE INDEX IF NOT EXISTS ferry_log_batch ON ferry_log(batch_seq) WHERE batch_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS ferry_inflight(batch_seq INTEGER PRIMARY KEY, body BLOB NOT NULL, result BLOB);
-CREATE TABLE IF NOT EXISTS ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
 "#;
 
 /// Prepared statements kept per connection.
@@ -88,6 +89,7 @@ pub fn open(path: &Path) -> Result<Connection> {
         conn.execute_batch("ALTER TABLE ferry_inflight ADD COLUMN result BLOB")?;
     }
     conn.execute("UPDATE ferry_ctl SET applying = 0 WHERE id = 1", [])?;
+    staged_pages_leave_the_database(&mut conn)?;
     // Databases that kept every table's versions in one shared table: reinstalling their schema
     // moves the versions into the per-table tables and points the triggers there.
     let shared_versions: bool = conn.query_row(
@@ -105,6 +107,23 @@ pub fn open(path: &Path) -> Result<Connection> {
         meta_set(&conn, "next_batch_seq", "1")?;
     }
     Ok(conn)
+}
+
+/// Databases that staged a receive's pages in a `ferry_staged` table: a receive they left
+/// interrupted starts over from the stored cursor (nothing of it was applied), and the table goes.
+fn staged_pages_leave_the_database(conn: &mut Connection) -> Result<()> {
+    let has_table: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ferry_staged')",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_table {
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM ferry_meta WHERE key IN ('receive_next', 'receive_full', 'receive_complete')", [])?;
+        tx.execute_batch("DROP TABLE ferry_staged")?;
+        tx.commit()?;
+    }
+    Ok(())
 }
 
 /// Turns on SQLite's query planner stability guarantee on `conn`. Without it SQLite (3.51) plans
@@ -188,6 +207,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use rusqlite::StatementStatus;
+
+    /// A receive interrupted by a client that staged pages in the database starts over.
+    #[test]
+    fn pages_staged_in_the_database_by_an_older_client_are_dropped_and_their_receive_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.db");
+        {
+            let conn = super::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
+                 INSERT INTO ferry_staged VALUES (1, x'00');
+                 INSERT INTO ferry_meta(key, value) VALUES ('cursor', 'c1'), ('receive_next', 'c2'), ('receive_full', '1');",
+            )
+            .unwrap();
+        }
+        let conn = super::open(&path).unwrap();
+        let state = super::receive::state(&conn).unwrap();
+        assert_eq!((state.cursor.0.as_str(), state.resume, state.full), ("c1", None, false));
+        let tables: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'ferry_staged'", [], |r| r.get(0)).unwrap();
+        assert_eq!(tables, 0);
+    }
 
     /// A cached statement with a bound `LIMIT` runs again without being compiled again.
     #[test]

@@ -1,13 +1,17 @@
 //! Staging received pages durably and applying them atomically (R9, R11, R12).
 //!
-//! A receive in progress is the set of pages in `ferry_staged` plus `ferry_meta` keys:
+//! A receive in progress is the pages in the staging file ([`StagingFile`]) plus `ferry_meta`
+//! keys:
 //! - `cursor`: the cursor of the last *completed* receive (absent or empty: never received);
 //! - `receive_next`: the cursor to fetch the next page of the receive in progress with;
 //! - `receive_full`: `1` if the receive in progress is a full one;
-//! - `receive_complete`: `1` once the last page is staged (only the apply is left).
+//! - `receive_complete`: `1` once the last page is staged (only the apply is left);
+//! - `receive_staged_bytes` and `receive_pages`: how much of the staging file, and how many
+//!   pages, belong to the receive in progress.
 //!
-//! Each page is staged together with its `next` cursor in one local transaction, so an
-//! interrupted receive resumes after the last complete page with the same target.
+//! Each page is appended to the staging file and synced, then its `next` cursor and the file's
+//! new length are committed in one local transaction, so an interrupted receive resumes after
+//! the last complete page with the same target.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,11 +20,16 @@ use ferry_protocol::{ChangePage, Cursor, Encoding, Removal, Schema, Table, Table
 use rusqlite::{CachedStatement, Connection};
 
 use crate::db::schema::{key_array, only_capture_triggers};
+use crate::db::staging::StagingFile;
 use crate::db::values::{SqlRef, Upsert, key_clause, push_key_json};
 use crate::db::versions::{self, VersionWriter};
 use crate::db::{meta_delete, meta_get, meta_set, quote, set_applying};
 use crate::engine::receive::ApplyStats;
 use crate::error::{Error, Result};
+
+/// The `ferry_meta` keys of a receive in progress.
+const RECEIVE_KEYS: [&str; 5] =
+    ["receive_next", "receive_full", "receive_complete", "receive_staged_bytes", "receive_pages"];
 
 /// Where the device stands in the server's change feed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -46,24 +55,46 @@ impl ReceiveState {
 
 /// Reads the receive bookkeeping.
 pub fn state(conn: &Connection) -> Result<ReceiveState> {
-    let staged: i64 = conn.query_row("SELECT count(*) FROM ferry_staged", [], |r| r.get(0))?;
     Ok(ReceiveState {
         cursor: Cursor(meta_get(conn, "cursor")?.unwrap_or_default()),
         resume: meta_get(conn, "receive_next")?.map(Cursor),
         full: meta_get(conn, "receive_full")?.as_deref() == Some("1"),
-        staged_pages: staged as u64,
+        staged_pages: meta_number(conn, "receive_pages")?,
         complete: meta_get(conn, "receive_complete")?.as_deref() == Some("1"),
     })
 }
 
-/// Stores one page and the cursor to continue with, in one local transaction.
-pub fn stage_page(conn: &mut Connection, page: &ChangePage) -> Result<()> {
+/// A counter kept in `ferry_meta` (absent: 0).
+fn meta_number(conn: &Connection, key: &str) -> Result<u64> {
+    match meta_get(conn, key)? {
+        None => Ok(0),
+        Some(v) => v.parse().map_err(|_| Error::Corrupt(format!("ferry_meta {key} = {v:?}"))),
+    }
+}
+
+/// Drops a receive in progress whose staged pages are no longer all in the staging file (the
+/// file was removed or cut behind Ferry's back): it starts over from the stored cursor rather
+/// than failing at the apply. Returns whether it dropped one.
+pub fn check_staging(conn: &mut Connection, staging: &StagingFile) -> Result<bool> {
+    let staged = meta_number(conn, "receive_staged_bytes")?;
+    if staged == 0 || staging.bytes()? >= staged {
+        return Ok(false);
+    }
+    tracing::warn!(file = %staging.path().display(), staged, "the staging file lost pages of the receive in progress; it starts over");
+    drop_staged(conn, staging)?;
+    Ok(true)
+}
+
+/// Stores one page and the cursor to continue with: appends it to the staging file, then
+/// commits the cursor and the file's new length in one local transaction.
+pub fn stage_page(conn: &mut Connection, staging: &StagingFile, page: &ChangePage) -> Result<()> {
     let body = Encoding::Postcard.encode(page)?;
+    let at = meta_number(conn, "receive_staged_bytes")?;
+    let pages = meta_number(conn, "receive_pages")?;
+    let len = staging.append(at, &body)?;
     let tx = conn.transaction()?;
-    tx.prepare_cached(
-        "INSERT INTO ferry_staged(page, body) VALUES ((SELECT coalesce(max(page), 0) + 1 FROM ferry_staged), ?1)",
-    )?
-    .execute([body])?;
+    meta_set(&tx, "receive_staged_bytes", &len.to_string())?;
+    meta_set(&tx, "receive_pages", &(pages + 1).to_string())?;
     meta_set(&tx, "receive_next", &page.next.0)?;
     if page.full {
         meta_set(&tx, "receive_full", "1")?;
@@ -76,27 +107,36 @@ pub fn stage_page(conn: &mut Connection, page: &ChangePage) -> Result<()> {
 }
 
 fn clear_staged(conn: &Connection) -> Result<()> {
-    conn.execute("DELETE FROM ferry_staged", [])?;
-    for key in ["receive_next", "receive_full", "receive_complete"] {
+    for key in RECEIVE_KEYS {
         meta_delete(conn, key)?;
     }
     Ok(())
 }
 
+/// Removes the staging file once the database no longer counts on it. A file that stays (the
+/// removal failed) is harmless: the next receive's first append cuts it to nothing.
+fn discard_file(staging: &StagingFile) {
+    if let Err(e) = staging.remove() {
+        tracing::warn!(error = %e, "the staging file stays until the next receive");
+    }
+}
+
 /// Drops the receive in progress; the next receive starts over from the stored cursor.
-pub fn drop_staged(conn: &mut Connection) -> Result<()> {
+pub fn drop_staged(conn: &mut Connection, staging: &StagingFile) -> Result<()> {
     let tx = conn.transaction()?;
     clear_staged(&tx)?;
     tx.commit()?;
+    discard_file(staging);
     Ok(())
 }
 
 /// Drops the receive in progress and resets the stored cursor to empty (the next receive is full).
-pub fn reset_cursor(conn: &mut Connection) -> Result<()> {
+pub fn reset_cursor(conn: &mut Connection, staging: &StagingFile) -> Result<()> {
     let tx = conn.transaction()?;
     clear_staged(&tx)?;
     meta_set(&tx, "cursor", "")?;
     tx.commit()?;
+    discard_file(staging);
     Ok(())
 }
 
@@ -107,7 +147,7 @@ pub fn reset_cursor(conn: &mut Connection) -> Result<()> {
 /// with log entries (unsent or failed local changes) are never touched (R12). On any failure
 /// nothing is applied, the cursor is unchanged, the staged pages are dropped (the next receive
 /// starts over from the stored cursor) and [`Error::ReceiveApply`] is returned.
-pub fn apply_staged(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
+pub fn apply_staged(conn: &mut Connection, staging: &StagingFile, schema: &Schema) -> Result<ApplyStats> {
     // A large receive touches more pages than SQLite's default cache (2 MiB) holds: SQLite then
     // spills dirty pages into the WAL mid-transaction and reads them back. A bigger cache for the
     // apply alone (given back afterwards) keeps them in memory.
@@ -121,16 +161,19 @@ pub fn apply_staged(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats
     if quiet {
         set_triggers(conn, false)?;
     }
-    let applied = apply_inner(conn, schema);
+    let applied = apply_inner(conn, staging, schema);
     if quiet {
         set_triggers(conn, true)?;
     }
     conn.pragma_update(None, "cache_size", cache)?;
     match applied {
-        Ok(stats) => Ok(stats),
+        Ok(stats) => {
+            discard_file(staging);
+            Ok(stats)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "received changes could not be applied; dropping the staged pages");
-            drop_staged(conn)?;
+            drop_staged(conn, staging)?;
             Err(Error::ReceiveApply(e.to_string()))
         }
     }
@@ -146,7 +189,7 @@ fn set_triggers(conn: &Connection, on: bool) -> Result<()> {
 /// The page cache an apply may use, as SQLite's `cache_size` takes it (negative: KiB).
 const APPLY_CACHE_KIB: i64 = -16 * 1024;
 
-fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
+fn apply_inner(conn: &mut Connection, staging: &StagingFile, schema: &Schema) -> Result<ApplyStats> {
     let tx = conn.transaction()?;
     tx.pragma_update(None, "defer_foreign_keys", true)?;
     set_applying(&tx, true)?;
@@ -154,11 +197,8 @@ fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
     if !before.complete {
         return Err(Error::Corrupt("apply asked before the last page was staged".into()));
     }
-    let pages: Vec<i64> = {
-        let mut stmt = tx.prepare("SELECT page FROM ferry_staged ORDER BY page")?;
-        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
-    };
-    let mut stats = ApplyStats { pages: pages.len() as u64, full: before.full, ..ApplyStats::default() };
+    let mut records = staging.records(meta_number(&tx, "receive_staged_bytes")?)?;
+    let mut stats = ApplyStats { pages: before.staged_pages, full: before.full, ..ApplyStats::default() };
     if before.full {
         // Children first (foreign keys are deferred anyway).
         for table in schema.tables.iter().rev().filter(|t| t.is_received()) {
@@ -175,8 +215,10 @@ fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
     }
     let mut applier = Applier::new(&tx, schema)?;
     let mut next = None;
-    for n in pages {
-        let body: Vec<u8> = tx.query_row("SELECT body FROM ferry_staged WHERE page = ?1", [n], |r| r.get(0))?;
+    let mut body = Vec::new();
+    let mut n = 0u64;
+    while records.next_into(&mut body)? {
+        n += 1;
         let page: ChangePage = Encoding::Postcard
             .decode(&body, DEFAULT_MAX_MESSAGE_BYTES.saturating_mul(4))
             .map_err(|e| Error::Corrupt(format!("staged page {n}: {e}")))?;
@@ -186,6 +228,9 @@ fn apply_inner(conn: &mut Connection, schema: &Schema) -> Result<ApplyStats> {
         }
     }
     drop(applier);
+    if n != before.staged_pages {
+        return Err(Error::Corrupt(format!("{n} pages in the staging file where {} were staged", before.staged_pages)));
+    }
     let next = next.ok_or_else(|| Error::Corrupt("no last page among the staged pages".into()))?;
     meta_set(&tx, "cursor", &next.0)?;
     clear_staged(&tx)?;
