@@ -4,10 +4,13 @@
 use std::time::Duration;
 
 use ferry_protocol::codec::{DEFAULT_MAX_MESSAGE_BYTES, FrameReader, PAGE_STREAM_HEADER, POSTCARD_MEDIA_TYPE};
-use ferry_protocol::{Batch, BatchResult, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, Schema};
+use ferry_protocol::{
+    Batch, BatchResult, ChangePage, CodecError, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, Schema,
+};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 
+use crate::engine::receive::ArrivedPage;
 use crate::error::{Error, Result};
 
 /// Default request timeout.
@@ -215,7 +218,7 @@ impl PageStream {
 
     /// The next page and its encoded size; `None` when the answer holds no more pages. An answer
     /// cut inside a page is a transport error: the pages before it were complete.
-    pub async fn next_page(&mut self) -> Result<Option<(ChangePage, u64)>, UploadError> {
+    pub async fn next_page(&mut self) -> Result<Option<(ArrivedPage, u64)>, UploadError> {
         let page = self.read_page().await;
         self.continues_at = match &page {
             Ok(Some((page, _))) if !page.last => Some(page.next.clone()),
@@ -224,19 +227,17 @@ impl PageStream {
         page
     }
 
-    async fn read_page(&mut self) -> Result<Option<(ChangePage, u64)>, UploadError> {
+    async fn read_page(&mut self) -> Result<Option<(ArrivedPage, u64)>, UploadError> {
         let Some(resp) = self.resp.as_mut() else { return Ok(None) };
-        let unreadable = |e: ferry_protocol::CodecError| UploadError::Transport(format!("unreadable answer: {e}"));
+        let encoding = self.encoding;
         let Some(frames) = self.frames.as_mut() else {
             let resp = self.resp.take().ok_or_else(|| UploadError::Transport("answer already read".into()))?;
             let bytes = resp.bytes().await.map_err(|e| UploadError::Transport(e.to_string()))?;
-            let page = self.encoding.decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES).map_err(unreadable)?;
-            return Ok(Some((page, bytes.len() as u64)));
+            return Ok(Some((arrived(encoding, &bytes)?, bytes.len() as u64)));
         };
         loop {
             if let Some(frame) = frames.next_frame().map_err(unreadable)? {
-                let page = self.encoding.decode(frame, DEFAULT_MAX_MESSAGE_BYTES).map_err(unreadable)?;
-                return Ok(Some((page, frame.len() as u64)));
+                return Ok(Some((arrived(encoding, frame)?, frame.len() as u64)));
             }
             match resp.chunk().await.map_err(|e| UploadError::Transport(e.to_string()))? {
                 Some(chunk) => frames.push(&chunk),
@@ -251,6 +252,22 @@ impl PageStream {
             }
         }
     }
+}
+
+/// One page's message as the receive machine takes it: a postcard page is kept as it came, a
+/// page in another encoding is decoded and encoded as postcard.
+fn arrived(encoding: Encoding, message: &[u8]) -> Result<ArrivedPage, UploadError> {
+    match encoding {
+        Encoding::Postcard => ArrivedPage::from_postcard(message.to_vec()),
+        Encoding::Json => encoding
+            .decode::<ChangePage>(message, DEFAULT_MAX_MESSAGE_BYTES)
+            .and_then(|page| ArrivedPage::from_page(&page)),
+    }
+    .map_err(unreadable)
+}
+
+fn unreadable(e: CodecError) -> UploadError {
+    UploadError::Transport(format!("unreadable answer: {e}"))
 }
 
 /// The error of a non-success answer: 5xx is retryable (transport), 4xx a typed refusal.

@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use ferry_client::db::receive::{apply_staged, stage_page};
 use ferry_client::db::staging::StagingFile;
+use ferry_client::engine::receive::ArrivedPage;
 use ferry_client::ferry_protocol::{
     BatchResult, ChangePage, Cursor, EventOutcome, Failure, FailureCode, Key, Outcome, Removal, TableRows, Value,
 };
@@ -34,7 +35,7 @@ fn receive(dir: &tempfile::TempDir, page: &ChangePage) -> ferry_client::engine::
     let path = dir.path().join("device.db");
     let mut conn = ferry_client::db::open(&path).unwrap();
     let staging = StagingFile::for_database(&path);
-    stage_page(&mut conn, &staging, page).unwrap();
+    stage_page(&mut conn, &staging, &ArrivedPage::from_page(page).unwrap()).unwrap();
     apply_staged(&mut conn, &staging, &schema()).unwrap()
 }
 

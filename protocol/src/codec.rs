@@ -7,7 +7,6 @@
 //! Decoding checks the size limit before reading anything, checks the version before the
 //! message, and turns every malformed, truncated or hostile input into a [`CodecError`].
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::PROTOCOL_VERSION;
@@ -115,8 +114,9 @@ impl Encoding {
         }
     }
 
-    /// Decodes a message of `limit` bytes at most, checking the protocol version first.
-    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    /// Decodes a message of `limit` bytes at most, checking the protocol version first. The
+    /// message may borrow from `bytes` (see [`crate::view`]).
+    pub fn decode<'a, T: Deserialize<'a>>(self, bytes: &'a [u8], limit: usize) -> Result<T, CodecError> {
         if bytes.len() > limit {
             return Err(CodecError::TooLarge { size: bytes.len(), limit });
         }

@@ -14,6 +14,7 @@ pub mod event;
 pub mod receive;
 pub mod schema;
 pub mod value;
+pub mod view;
 
 pub use batch::{Batch, BatchResult, Digest, EventOutcome, Failure, FailureCode, KeyRemap, Outcome, RowImage};
 pub use codec::{CodecError, Encoding};
@@ -22,6 +23,7 @@ pub use event::{Checkpoint, Event, LogEntry, Op};
 pub use receive::{ChangePage, Cursor, Estimate, Removal, TableRows};
 pub use schema::{Access, Column, ColumnType, ConflictPolicy, ForeignKey, Schema, SchemaError, Scope, Table};
 pub use value::{BlobRef, Key, Row, Value};
+pub use view::{AsValueView, ChangePageView, RowsView, TableRowsView, ValueView};
 
 /// The protocol version this build speaks. Every message on the wire carries it; a peer that
 /// speaks another version gets a typed [`ErrorCode::ProtocolVersion`] error, never a guess.

@@ -168,6 +168,22 @@ proptest! {
     #[test]
     fn change_pages_round_trip(page in arb_page()) { round_trip(&page); }
 
+    /// A view has the page's wire shape: it reads a postcard page in place, and writes it back
+    /// byte for byte.
+    #[test]
+    fn a_postcard_page_read_in_place_is_the_page_that_was_encoded(page in arb_page()) {
+        let bytes = Encoding::Postcard.encode(&page).unwrap();
+        let view: ChangePageView<'_> = Encoding::Postcard.decode(&bytes, LIMIT).unwrap();
+        prop_assert_eq!(&view.to_page(), &page);
+        prop_assert_eq!(&Encoding::Postcard.encode(&view).unwrap(), &bytes);
+        for (rows, owned) in view.upserts.iter().zip(&page.upserts) {
+            for (row, owned) in rows.rows.iter().zip(&owned.rows) {
+                let seen: Vec<ValueView<'_>> = owned.iter().map(AsValueView::view).collect();
+                prop_assert_eq!(row, seen.as_slice(), "an owned value and its view look alike");
+            }
+        }
+    }
+
     #[test]
     fn page_streams_split_back_into_their_pages_however_they_are_chunked(
         pages in prop::collection::vec(arb_page(), 1..5),
@@ -230,6 +246,7 @@ proptest! {
             let _ = encoding.decode::<Batch>(&bytes, LIMIT);
             let _ = encoding.decode::<BatchResult>(&bytes, LIMIT);
             let _ = encoding.decode::<ChangePage>(&bytes, LIMIT);
+            let _ = encoding.decode::<ChangePageView<'_>>(&bytes, LIMIT);
             let _ = encoding.decode::<Schema>(&bytes, LIMIT);
             let _ = encoding.decode::<ErrorBody>(&bytes, LIMIT);
         }
@@ -242,6 +259,24 @@ proptest! {
             let cut = cut.index(bytes.len());
             prop_assert!(encoding.decode::<Batch>(&bytes[..cut], LIMIT).is_err());
         }
+    }
+
+    /// A damaged page is refused by the view exactly when it is refused as an owned page, and
+    /// otherwise reads as the same page.
+    #[test]
+    fn a_damaged_page_reads_the_same_in_place_and_owned(
+        page in arb_page(),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = Encoding::Postcard.encode(&page).unwrap();
+        let at = at.index(bytes.len());
+        bytes[at] = byte;
+        bytes.truncate(cut.index(bytes.len() + 1).max(at + 1));
+        let owned = Encoding::Postcard.decode::<ChangePage>(&bytes, LIMIT);
+        let view = Encoding::Postcard.decode::<ChangePageView<'_>>(&bytes, LIMIT);
+        prop_assert_eq!(owned.ok(), view.ok().map(|v| v.to_page()));
     }
 
     #[test]

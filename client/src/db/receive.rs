@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 
 use ferry_protocol::codec::DEFAULT_MAX_MESSAGE_BYTES;
-use ferry_protocol::{ChangePage, Cursor, Encoding, Removal, Schema, Table, TableRows, Value};
+use ferry_protocol::{ChangePageView, Cursor, Encoding, Removal, Schema, Table, TableRowsView, ValueView};
 use rusqlite::{CachedStatement, Connection};
 
 use crate::db::schema::{key_array, only_capture_triggers};
@@ -24,7 +24,7 @@ use crate::db::staging::StagingFile;
 use crate::db::values::{SqlRef, Upsert, key_clause, push_key_json};
 use crate::db::versions::{self, VersionWriter};
 use crate::db::{meta_delete, meta_get, meta_set, quote, set_applying};
-use crate::engine::receive::ApplyStats;
+use crate::engine::receive::{ApplyStats, ArrivedPage};
 use crate::error::{Error, Result};
 
 /// The `ferry_meta` keys of a receive in progress.
@@ -85,13 +85,12 @@ pub fn check_staging(conn: &mut Connection, staging: &StagingFile) -> Result<boo
     Ok(true)
 }
 
-/// Stores one page and the cursor to continue with: appends it to the staging file, then
-/// commits the cursor and the file's new length in one local transaction.
-pub fn stage_page(conn: &mut Connection, staging: &StagingFile, page: &ChangePage) -> Result<()> {
-    let body = Encoding::Postcard.encode(page)?;
+/// Stores one page and the cursor to continue with: appends its message, as it arrived, to the
+/// staging file, then commits the cursor and the file's new length in one local transaction.
+pub fn stage_page(conn: &mut Connection, staging: &StagingFile, page: &ArrivedPage) -> Result<()> {
     let at = meta_number(conn, "receive_staged_bytes")?;
     let pages = meta_number(conn, "receive_pages")?;
-    let len = staging.append(at, &body)?;
+    let len = staging.append(at, &page.body)?;
     let tx = conn.transaction()?;
     meta_set(&tx, "receive_staged_bytes", &len.to_string())?;
     meta_set(&tx, "receive_pages", &(pages + 1).to_string())?;
@@ -219,12 +218,12 @@ fn apply_inner(conn: &mut Connection, staging: &StagingFile, schema: &Schema) ->
     let mut n = 0u64;
     while records.next_into(&mut body)? {
         n += 1;
-        let page: ChangePage = Encoding::Postcard
+        let page: ChangePageView<'_> = Encoding::Postcard
             .decode(&body, DEFAULT_MAX_MESSAGE_BYTES.saturating_mul(4))
             .map_err(|e| Error::Corrupt(format!("staged page {n}: {e}")))?;
         applier.page(&page, &mut stats)?;
         if page.last {
-            next = Some(page.next);
+            next = Some(page.next.clone());
         }
     }
     drop(applier);
@@ -285,10 +284,10 @@ impl<'c> Applier<'c> {
     }
 
     /// Applies one page: upserts parents first, then removals children first. Capture must be off.
-    fn page(&mut self, page: &ChangePage, stats: &mut ApplyStats) -> Result<()> {
+    fn page(&mut self, page: &ChangePageView<'_>, stats: &mut ApplyStats) -> Result<()> {
         let schema = self.schema;
-        let mut upserts: Vec<(usize, &TableRows)> =
-            page.upserts.iter().map(|t| Ok((table_index(schema, &t.table)?, t))).collect::<Result<_>>()?;
+        let mut upserts: Vec<(usize, &TableRowsView<'_>)> =
+            page.upserts.iter().map(|t| Ok((table_index(schema, t.table)?, t))).collect::<Result<_>>()?;
         upserts.sort_by_key(|(i, _)| *i);
         for (i, rows) in upserts {
             self.rows(&schema.tables[i], rows, stats)?;
@@ -328,7 +327,7 @@ impl<'c> Applier<'c> {
 
     /// Upserts the rows of one table group (statements prepared once for the group, many rows per
     /// execution) and records their versions; rows with local changes are skipped (R12).
-    fn rows(&mut self, table: &Table, rows: &TableRows, stats: &mut ApplyStats) -> Result<()> {
+    fn rows(&mut self, table: &Table, rows: &TableRowsView<'_>, stats: &mut ApplyStats) -> Result<()> {
         let key_pos = table
             .primary_key
             .iter()
@@ -343,9 +342,9 @@ impl<'c> Applier<'c> {
             return Err(Error::Corrupt(format!("received rows of {} do not match their versions", table.name)));
         }
         let local = self.local.of(&table.name);
-        let mut kept: Vec<&[Value]> = Vec::with_capacity(rows.rows.len());
-        let mut kept_versions: Vec<(&[Value], i64)> = Vec::with_capacity(rows.rows.len());
-        let mut key: Vec<&Value> = Vec::with_capacity(key_pos.len());
+        let mut kept: Vec<&[ValueView<'_>]> = Vec::with_capacity(rows.rows.len());
+        let mut kept_versions: Vec<(&[ValueView<'_>], i64)> = Vec::with_capacity(rows.rows.len());
+        let mut key: Vec<&ValueView<'_>> = Vec::with_capacity(key_pos.len());
         for (values, version) in rows.rows.iter().zip(&rows.versions) {
             if values.len() != rows.columns.len() {
                 return Err(Error::Corrupt(format!("a received row of {} has the wrong number of values", table.name)));
@@ -364,8 +363,7 @@ impl<'c> Applier<'c> {
             kept.push(values);
             kept_versions.push((values, version));
         }
-        let columns: Vec<&str> = rows.columns.iter().map(String::as_str).collect();
-        Upsert::prepare(self.conn, table, &columns)?.execute_rows(&kept)?;
+        Upsert::prepare(self.conn, table, &rows.columns)?.execute_rows(&kept)?;
         VersionWriter::new(self.conn, table).write(
             &kept_versions,
             |(values, _), i| &values[key_pos[i]],

@@ -5,10 +5,9 @@
 //! built by SQLite's `json_array`; the client prints the common key shapes the same way in Rust
 //! (a unit test pins the two together) and asks SQLite for the others.
 
-use std::borrow::Borrow;
 use std::fmt::Write as _;
 
-use ferry_protocol::{BlobRef, ColumnType, Key, Row, Table, Value};
+use ferry_protocol::{AsValueView, BlobRef, ColumnType, Key, Row, Table, Value, ValueView};
 use rusqlite::types::{ToSql, ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{CachedStatement, Connection};
 use serde::Deserialize as _;
@@ -58,14 +57,14 @@ pub fn value_to_json(value: &Value) -> Json {
 }
 
 /// Converts a protocol value into a SQLite value to bind (blob references as JSON text).
-pub fn to_sql(value: &Value) -> SqlValue {
-    match value {
-        Value::Null => SqlValue::Null,
-        Value::Integer(i) => SqlValue::Integer(*i),
-        Value::Real(r) => SqlValue::Real(*r),
-        Value::Text(t) => SqlValue::Text(t.clone()),
-        Value::Bytes(b) => SqlValue::Blob(b.clone()),
-        Value::Blob(b) => SqlValue::Text(serde_json::to_string(b).unwrap_or_default()),
+pub fn to_sql(value: &impl AsValueView) -> SqlValue {
+    match value.view() {
+        ValueView::Null => SqlValue::Null,
+        ValueView::Integer(i) => SqlValue::Integer(i),
+        ValueView::Real(r) => SqlValue::Real(r),
+        ValueView::Text(t) => SqlValue::Text(t.to_string()),
+        ValueView::Bytes(b) => SqlValue::Blob(b.to_vec()),
+        ValueView::Blob(b) => SqlValue::Text(serde_json::to_string(&*b).unwrap_or_default()),
     }
 }
 
@@ -223,12 +222,12 @@ pub fn key_json(conn: &Connection, key: &Key) -> Result<String> {
 ///
 /// The common shapes (integers, bytes, texts that need no escaping) are printed in Rust exactly
 /// as SQLite's `json_array` prints them; any other shape asks SQLite.
-pub fn push_key_json<V: Borrow<Value>>(conn: &Connection, key: &[V], out: &mut String) -> Result<()> {
+pub fn push_key_json<V: AsValueView>(conn: &Connection, key: &[V], out: &mut String) -> Result<()> {
     out.clear();
     let plain = |t: &str| t.chars().all(|c| c != '"' && c != '\\' && !c.is_control());
-    let simple = key.iter().all(|v| match v.borrow() {
-        Value::Integer(_) | Value::Bytes(_) => true,
-        Value::Text(t) => plain(t),
+    let simple = key.iter().all(|v| match v.view() {
+        ValueView::Integer(_) | ValueView::Bytes(_) => true,
+        ValueView::Text(t) => plain(t),
         _ => false,
     });
     if simple {
@@ -237,16 +236,16 @@ pub fn push_key_json<V: Borrow<Value>>(conn: &Connection, key: &[V], out: &mut S
             if i > 0 {
                 out.push(',');
             }
-            match v.borrow() {
-                Value::Integer(n) => {
+            match v.view() {
+                ValueView::Integer(n) => {
                     let _ = write!(out, "{n}");
                 }
-                Value::Text(t) => {
+                ValueView::Text(t) => {
                     out.push('"');
                     out.push_str(t);
                     out.push('"');
                 }
-                Value::Bytes(b) => {
+                ValueView::Bytes(b) => {
                     out.push('"');
                     for byte in b {
                         let _ = write!(out, "{byte:02X}");
@@ -254,7 +253,7 @@ pub fn push_key_json<V: Borrow<Value>>(conn: &Connection, key: &[V], out: &mut S
                     out.push('"');
                 }
                 // Excluded by `simple`.
-                Value::Null | Value::Real(_) | Value::Blob(_) => {}
+                ValueView::Null | ValueView::Real(_) | ValueView::Blob(_) => {}
             }
         }
         out.push(']');
@@ -263,9 +262,9 @@ pub fn push_key_json<V: Borrow<Value>>(conn: &Connection, key: &[V], out: &mut S
     let placeholders = vec!["?"; key.len()].join(", ");
     let params: Vec<SqlValue> = key
         .iter()
-        .map(|v| match v.borrow() {
-            Value::Bytes(b) => SqlValue::Text(hex::encode_upper(b)),
-            other => to_sql(other),
+        .map(|v| match v.view() {
+            ValueView::Bytes(b) => SqlValue::Text(hex::encode_upper(b)),
+            _ => to_sql(v),
         })
         .collect();
     let text: String = conn
@@ -275,18 +274,19 @@ pub fn push_key_json<V: Borrow<Value>>(conn: &Connection, key: &[V], out: &mut S
     Ok(())
 }
 
-/// A protocol value bound without copying it first (blob references as JSON text, like [`to_sql`]).
-pub struct SqlRef<'a>(pub &'a Value);
+/// A protocol value (owned or a view) bound without copying it first (blob references as JSON
+/// text, like [`to_sql`]).
+pub struct SqlRef<'a, V: ?Sized = Value>(pub &'a V);
 
-impl ToSql for SqlRef<'_> {
+impl<V: AsValueView + ?Sized> ToSql for SqlRef<'_, V> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(match self.0 {
-            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
-            Value::Integer(i) => ToSqlOutput::Borrowed(ValueRef::Integer(*i)),
-            Value::Real(r) => ToSqlOutput::Borrowed(ValueRef::Real(*r)),
-            Value::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
-            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
-            blob @ Value::Blob(_) => ToSqlOutput::Owned(to_sql(blob)),
+        Ok(match self.0.view() {
+            ValueView::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            ValueView::Integer(i) => ToSqlOutput::Borrowed(ValueRef::Integer(i)),
+            ValueView::Real(r) => ToSqlOutput::Borrowed(ValueRef::Real(r)),
+            ValueView::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            ValueView::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            ValueView::Blob(b) => ToSqlOutput::Owned(SqlValue::Text(serde_json::to_string(&*b).unwrap_or_default())),
         })
     }
 }
@@ -438,13 +438,13 @@ impl<'c> Upsert<'c> {
     }
 
     /// Writes one row; `values` are in the order of the columns given to [`Upsert::prepare`].
-    pub fn execute<V: Borrow<Value>>(&mut self, values: &[V]) -> Result<()> {
+    pub fn execute<V: AsValueView>(&mut self, values: &[V]) -> Result<()> {
         self.execute_rows(&[values])
     }
 
     /// Writes rows in order, each with its values in the order of the columns given to
     /// [`Upsert::prepare`]. A row written twice keeps its last values.
-    pub fn execute_rows<R: AsRef<[V]>, V: Borrow<Value>>(&mut self, rows: &[R]) -> Result<()> {
+    pub fn execute_rows<R: AsRef<[V]>, V: AsValueView>(&mut self, rows: &[R]) -> Result<()> {
         let Some(writer) = self.writer.as_mut() else { return Ok(()) };
         let width = self.columns.len();
         if let Some(row) = rows.iter().find(|r| r.as_ref().len() != width) {
@@ -454,7 +454,7 @@ impl<'c> Upsert<'c> {
         writer.write(rows, |stmt, first, row| {
             let values = row.as_ref();
             for (param, &i) in bound.iter().enumerate() {
-                stmt.raw_bind_parameter(first + param, SqlRef(values[i].borrow()))?;
+                stmt.raw_bind_parameter(first + param, SqlRef(&values[i]))?;
             }
             Ok(())
         })

@@ -7,7 +7,7 @@
 //! integer lookup. Databases made before this kept every table's versions in one `ferry_versions`
 //! keyed by table name and key text; [`migrate_shared_table`] moves them over.
 
-use ferry_protocol::{ColumnType, Key, Schema, Table, Value};
+use ferry_protocol::{AsValueView, ColumnType, Key, Schema, Table};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::db::quote;
@@ -132,10 +132,10 @@ impl<'c> VersionWriter<'c> {
 
     /// Records a version for each of `rows`, in order (a row given twice keeps the last):
     /// `key(row, i)` is the row's value of key column `i`, `version(row)` its version.
-    pub fn write<T>(
+    pub fn write<T, V: AsValueView>(
         &mut self,
         rows: &[T],
-        key: impl Fn(&T, usize) -> &Value,
+        key: impl Fn(&T, usize) -> &V,
         version: impl Fn(&T) -> i64,
     ) -> Result<()> {
         let width = self.width;

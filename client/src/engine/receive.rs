@@ -10,7 +10,8 @@
 
 use std::time::Duration;
 
-use ferry_protocol::{ChangePage, Cursor, ErrorBody, ErrorCode};
+use ferry_protocol::codec::DEFAULT_MAX_MESSAGE_BYTES;
+use ferry_protocol::{ChangePage, ChangePageView, CodecError, Cursor, Encoding, ErrorBody, ErrorCode};
 
 use crate::engine::send::RetryPolicy;
 use crate::error::Error;
@@ -30,13 +31,54 @@ pub struct ApplyStats {
     pub full: bool,
 }
 
+/// A page as it arrived: its postcard message, kept as received (it is staged verbatim and
+/// read in place at the apply, see [`ChangePageView`]), and what the machine needs to know of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrivedPage {
+    /// The page, postcard-encoded and framed with the protocol version
+    /// (as [`Encoding::encode`] writes it).
+    pub body: Vec<u8>,
+    /// See [`ChangePage::full`].
+    pub full: bool,
+    /// See [`ChangePage::last`].
+    pub last: bool,
+    /// See [`ChangePage::next`].
+    pub next: Cursor,
+    /// Rows to upsert or remove.
+    pub rows: u64,
+    /// What is wrong with the page's shape, if anything (a table's rows and versions differ in
+    /// number): the machine refuses such a page before staging it.
+    pub flaw: Option<String>,
+}
+
+impl ArrivedPage {
+    /// A page that arrived as a postcard message: read in place once to check it and to count
+    /// its rows (no value is copied out of it).
+    pub fn from_postcard(body: Vec<u8>) -> Result<Self, CodecError> {
+        let view: ChangePageView<'_> = Encoding::Postcard.decode(&body, DEFAULT_MAX_MESSAGE_BYTES)?;
+        let rows = view.upserts.iter().map(|t| t.rows.len() as u64).sum::<u64>() + view.removals.len() as u64;
+        let flaw =
+            view.upserts.iter().find(|t| t.versions.len() != t.rows.len()).map(|t| {
+                format!("page for table {} has {} rows but {} versions", t.table, t.rows.len(), t.versions.len())
+            });
+        let (full, last, next) = (view.full, view.last, view.next.clone());
+        drop(view);
+        Ok(ArrivedPage { body, full, last, next, rows, flaw })
+    }
+
+    /// A page that arrived in another encoding (or was built in memory), encoded as postcard.
+    pub fn from_page(page: &ChangePage) -> Result<Self, CodecError> {
+        Self::from_postcard(Encoding::Postcard.encode(page)?)
+    }
+}
+
 /// What the driver reports back to the machine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The server answered a fetch with a page; `bytes` is the size of the encoded answer.
     PageArrived {
         /// The page.
-        page: ChangePage,
+        page: ArrivedPage,
         /// Encoded size of the answer.
         bytes: u64,
     },
@@ -67,12 +109,12 @@ pub enum Command {
         cursor: Cursor,
     },
     /// Stage this last page durably, then report [`Input::Staged`].
-    Stage(ChangePage),
+    Stage(ArrivedPage),
     /// Stage this page durably (with `page.next` as the cursor to resume from) and meanwhile
     /// fetch the page at `next`, then report [`Input::StagedBeside`] with the fetch's outcome.
     StageAndFetch {
         /// The page to stage.
-        page: ChangePage,
+        page: ArrivedPage,
         /// The cursor of the page to fetch meanwhile (`page.next`).
         next: Cursor,
     },
@@ -204,15 +246,10 @@ impl ReceiveMachine {
         let state = std::mem::replace(&mut self.state, State::Done);
         match (state, input) {
             (State::Fetching { .. }, Input::PageArrived { page, bytes }) => {
-                let rows = page.upserts.iter().map(|t| t.rows.len() as u64).sum::<u64>() + page.removals.len() as u64;
-                if let Some(t) = page.upserts.iter().find(|t| t.versions.len() != t.rows.len()) {
-                    return self.fail(Error::Corrupt(format!(
-                        "page for table {} has {} rows but {} versions",
-                        t.table,
-                        t.rows.len(),
-                        t.versions.len()
-                    )));
+                if let Some(flaw) = page.flaw {
+                    return self.fail(Error::Corrupt(flaw));
                 }
+                let rows = page.rows;
                 self.report.pages += 1;
                 self.report.bytes += bytes;
                 self.report.full |= page.full;
@@ -291,7 +328,11 @@ mod tests {
     use super::*;
     use ferry_protocol::{Key, Removal, TableRows, Value};
 
-    fn page(next: &str, last: bool, full: bool, rows: usize) -> ChangePage {
+    fn page(next: &str, last: bool, full: bool, rows: usize) -> ArrivedPage {
+        ArrivedPage::from_page(&owned_page(next, last, full, rows)).unwrap()
+    }
+
+    fn owned_page(next: &str, last: bool, full: bool, rows: usize) -> ChangePage {
         ChangePage {
             full,
             upserts: vec![TableRows {
@@ -436,8 +477,10 @@ mod tests {
     fn malformed_pages_and_unexpected_inputs_fail() {
         let mut m = machine("c0");
         m.start();
-        let mut p = page("c1", true, false, 2);
+        let mut p = owned_page("c1", true, false, 2);
         p.upserts[0].versions.pop();
+        let p = ArrivedPage::from_page(&p).unwrap();
+        assert_eq!(p.flaw.as_deref(), Some("page for table product has 2 rows but 1 versions"));
         assert!(matches!(m.step(Input::PageArrived { page: p, bytes: 1 }), Command::Failed(Error::Corrupt(_))));
         let mut m = machine("c0");
         m.start();
