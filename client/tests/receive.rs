@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 enum Reply {
     Page(ChangePage),
     Refuse(ErrorBody),
+    /// A 200 answer with this content type and body.
+    Raw(&'static str, Vec<u8>),
 }
 
 #[derive(Default)]
@@ -98,6 +100,7 @@ async fn serve(feed: Arc<Feed>) -> String {
                             ("200 OK", "application/x-ferry+postcard", Encoding::Postcard.encode(&p).unwrap())
                         }
                         Some(Reply::Refuse(b)) => ("410 Gone", "application/json", Encoding::Json.encode(&b).unwrap()),
+                        Some(Reply::Raw(ctype, body)) => ("200 OK", ctype, body),
                         None => (
                             "400 Bad Request",
                             "application/json",
@@ -187,6 +190,52 @@ fn full_snapshot(feed: &Feed) {
     );
     feed.page("c1", page(true, vec![photo, invoices(&[(100, 10, 3)])], vec![], "c2", false));
     feed.page("c2", page(true, vec![products(&[(1, 5, 6)])], vec![], "c3", true));
+}
+
+#[tokio::test]
+async fn a_page_answered_in_json_is_applied_like_a_postcard_one() {
+    let postcard = Arc::new(Feed::default());
+    full_snapshot(&postcard);
+    let json = Arc::new(Feed::default());
+    full_snapshot(&json);
+    let Some(Reply::Page(middle)) = json.replies.lock().unwrap().get("c1").cloned() else { panic!() };
+    json.replies
+        .lock()
+        .unwrap()
+        .insert("c1".into(), Reply::Raw("application/json", Encoding::Json.encode(&middle).unwrap()));
+    let mut dumps = Vec::new();
+    for feed in [postcard, json] {
+        let url = serve(feed.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let c = client_for(&dir, &url, 3);
+        let report = c.receive().await.unwrap();
+        assert_eq!((report.pages, report.rows_upserted), (3, 5));
+        dumps.push(dump(&c));
+    }
+    assert_eq!(dumps[0], dumps[1]);
+    assert!(dumps[0].iter().any(|r| r.starts_with("photo:")), "the JSON page's rows are there");
+}
+
+#[tokio::test]
+async fn a_page_that_does_not_decode_is_asked_again_and_nothing_of_it_is_staged() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let good = feed.replies.lock().unwrap().get("c1").cloned().unwrap();
+    // The protocol version, then a table count far beyond the bytes that follow.
+    let bad = vec![1, 0xff, 0xff, 0xff, 0x0f, 2];
+    feed.replies.lock().unwrap().insert("c1".into(), Reply::Raw("application/x-ferry+postcard", bad));
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = client_for(&dir, &url, 2);
+    let err = c.receive().await.unwrap_err();
+    assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err:?}");
+    assert_eq!(feed.seen(), ["", "c1", "c1"], "the unreadable page was asked again");
+    assert_eq!(count(&c, "customer"), 0, "nothing is applied before the last page");
+    // Once the server answers properly, the receive resumes after the first page.
+    feed.replies.lock().unwrap().insert("c1".into(), good);
+    let report = c.receive().await.unwrap();
+    assert_eq!(feed.seen(), ["c1", "c2"]);
+    assert_eq!((report.pages, report.pages_applied, report.rows_upserted), (2, 3, 5));
 }
 
 fn dump(c: &Client) -> Vec<String> {
