@@ -15,7 +15,7 @@
 
 use ferry_protocol::{ChangePage, Cursor, ErrorCode, Estimate, Removal, Schema, Table, TableRows, Value};
 
-use crate::store::feed::{ClaimSource, FeedRange, key_params, parse_key};
+use crate::store::feed::{ClaimSource, FeedRange, key_params, parse_key, snapshot_key};
 use crate::store::{Store, StoreError};
 
 /// Why a page could not be served.
@@ -205,7 +205,7 @@ pub async fn page(
                 break;
             }
             served += 1;
-            last = Some(row.pk.clone());
+            last = Some(row.pk);
             match row.values {
                 Some(values) => {
                     bytes += values.iter().map(value_size).sum::<usize>() + 8;
@@ -215,19 +215,28 @@ pub async fn page(
                 // Deleted, or out of the user's scope: the device removes it (key only). A
                 // snapshot has no removals — the device drops whatever the snapshot omits.
                 None if progress.phase != Phase::Snapshot => {
-                    if let Some(key) = parse_key(table, &row.pk) {
-                        bytes += row.pk.len() + 8;
+                    if let Some(pk) = last.as_ref().and_then(Option::as_deref)
+                        && let Some(key) = parse_key(table, pk)
+                    {
+                        bytes += pk.len() + 8;
                         removals.push(Removal { table: table.name.clone(), key });
                     }
                 }
                 None => {}
             }
         }
+        // A snapshot row has no key text: its position is its key, read from its values.
+        match last {
+            Some(Some(pk)) => progress.after = pk,
+            Some(None) => {
+                progress.after = group.rows.last().and_then(|values| snapshot_key(table, values)).ok_or_else(|| {
+                    FeedError::Store(StoreError::Corrupt(format!("a snapshot row of {} without its key", table.name)))
+                })?
+            }
+            None => {}
+        }
         if !group.rows.is_empty() {
             upserts.push(group);
-        }
-        if let Some(last) = last {
-            progress.after = last;
         }
         rows_left -= served.min(rows_left);
         if served == fetched && (fetched == 0 || rows_left > 0) {

@@ -267,10 +267,11 @@ impl<'a> FeedSql<'a> {
             None => (String::new(), super::version_of(self.backend, table, "t")),
         };
         let limit = self.param(Param::Int(limit));
-        let pk = self.key_text("t", table);
         let columns: Vec<_> = table.columns.iter().map(|c| format!("t.{}", quote(&c.name))).collect();
+        // No key text per row: the page's position is the last row's key, which is among its
+        // values (see `snapshot_key`).
         format!(
-            "SELECT {pk},
+            "SELECT CAST(NULL AS TEXT),
                     COALESCE({version}, 0),
                     {yes}, {cols}
              FROM {t} t{join}
@@ -342,6 +343,21 @@ pub fn parse_key(table: &Table, text: &str) -> Option<Key> {
     (values.len() == table.primary_key.len()).then_some(Key(values))
 }
 
+/// The snapshot position after a row of `table` with these `values` (schema column order): its
+/// key as a key text [`parse_key`] reads, or `None` if a key value is not an integer or a text.
+pub fn snapshot_key(table: &Table, values: &[Value]) -> Option<String> {
+    let items = table
+        .primary_key
+        .iter()
+        .map(|k| match table.columns.iter().position(|c| &c.name == k).and_then(|i| values.get(i)) {
+            Some(Value::Integer(i)) => Some(serde_json::Value::from(*i)),
+            Some(Value::Text(t)) => Some(serde_json::Value::from(t.as_str())),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(serde_json::Value::Array(items).to_string())
+}
+
 /// The bound values of a snapshot position (a key text), or `None` when `text` is empty or not a
 /// key of `table`. PostgreSQL needs each value typed like its key column; SQLite compares values
 /// of mixed types in its own total order, the same order as `ORDER BY`, so any key it produced
@@ -369,8 +385,9 @@ pub fn key_params(backend: Backend, table: &Table, text: &str) -> Option<Vec<Par
 /// One candidate row of a page.
 #[derive(Debug, Clone)]
 pub struct FeedRow {
-    /// The key as feed key text (JSON array).
-    pub pk: String,
+    /// The key as feed key text (JSON array); `None` in a snapshot, whose rows are all in scope
+    /// and carry their key among their values ([`snapshot_key`]).
+    pub pk: Option<String>,
     /// The row's version (0 when unknown).
     pub version: u64,
     /// The row's values in schema column order, or `None` when it is deleted or out of scope.
