@@ -478,10 +478,12 @@ impl Client {
                 }
                 Command::Upload { batch, cut_ahead } => {
                     let (answer, next) = if cut_ahead {
-                        // The device cuts the next batch while the server applies this one.
-                        let rows = db::log::BatchRows::of(&batch);
-                        let cut = self
-                            .in_local_transaction(move |tx, schema| db::log::cut_ahead_in(tx, schema, &limits, &rows));
+                        // The device cuts the next batch while the server applies this one (the
+                        // rows this one touches are listed there too, off the upload's way).
+                        let sent = Arc::clone(&batch);
+                        let cut = self.in_local_transaction(move |tx, schema| {
+                            db::log::cut_ahead_in(tx, schema, &limits, &db::log::BatchRows::of(&sent))
+                        });
                         let (answer, next) = tokio::join!(self.upload_with_blobs(&batch), cut);
                         // A local failure stops the send; an answer dropped here is replayed by
                         // the server when the batch is sent again.
@@ -501,10 +503,10 @@ impl Client {
                             Ok(result)
                         })
                         .await?;
-                    let rows = db::log::BatchRows::of(&next);
+                    let sent = Arc::clone(&next);
                     let apply = self.in_local_transaction(move |tx, schema| {
                         engine::apply::apply_result_in(tx, schema, &result)?;
-                        db::log::cut_ahead_in(tx, schema, &limits, &rows)
+                        db::log::cut_ahead_in(tx, schema, &limits, &db::log::BatchRows::of(&sent))
                     });
                     let (answer, after_next) = tokio::join!(self.upload_with_blobs(&next), apply);
                     let after_next = after_next?;

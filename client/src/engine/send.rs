@@ -14,6 +14,7 @@
 //! the next time a batch is loaded. An answer that puts events back to pending is applied first
 //! (they must go before anything cut after them, R2).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_protocol::{Batch, BatchResult, ErrorBody, ErrorCode, Outcome};
@@ -73,8 +74,9 @@ pub enum Command {
     LoadNextBatch,
     /// Upload this batch; with `cut_ahead`, cut and persist the next batch meanwhile.
     Upload {
-        /// The batch to upload.
-        batch: Batch,
+        /// The batch to upload (shared with the machine, which keeps it for a retry and to check
+        /// the answer against: a batch is never copied).
+        batch: Arc<Batch>,
         /// Whether to cut the next batch ahead during this upload (its first attempt: a retry
         /// finds it already cut).
         cut_ahead: bool,
@@ -91,7 +93,7 @@ pub enum Command {
         /// The answer to the batch just uploaded.
         result: BatchResult,
         /// The batch cut ahead, to upload now.
-        next: Batch,
+        next: Arc<Batch>,
     },
     /// Done: nothing left to send.
     Finished(SendReport),
@@ -131,17 +133,17 @@ enum State {
     Idle,
     Loading,
     Uploading {
-        batch: Batch,
+        batch: Arc<Batch>,
         failures: u32,
     },
     Sleeping {
-        batch: Batch,
+        batch: Arc<Batch>,
         failures: u32,
     },
     Applying,
     /// Applying a result while `next` is uploaded.
     ApplyingBeside {
-        next: Batch,
+        next: Arc<Batch>,
     },
     Done,
 }
@@ -197,7 +199,8 @@ impl SendMachine {
                 Command::Finished(self.report)
             }
             (State::Loading, Input::BatchLoaded(Some(batch))) => {
-                self.state = State::Uploading { batch: batch.clone(), failures: 0 };
+                let batch = Arc::new(batch);
+                self.state = State::Uploading { batch: Arc::clone(&batch), failures: 0 };
                 Command::Upload { batch, cut_ahead: true }
             }
             (State::Uploading { batch, .. }, Input::Answered(result)) => self.answered(&batch, result, None),
@@ -216,7 +219,7 @@ impl SendMachine {
                 _ => self.fail(Error::Refused(body)),
             },
             (State::Sleeping { batch, failures }, Input::Slept) => {
-                self.state = State::Uploading { batch: batch.clone(), failures };
+                self.state = State::Uploading { batch: Arc::clone(&batch), failures };
                 Command::Upload { batch, cut_ahead: false }
             }
             (State::Applying, Input::BatchLoaded(loaded)) => {
@@ -271,7 +274,8 @@ impl SendMachine {
         let pending_again = result.outcomes.iter().any(|o| o.outcome == Outcome::NotApplied);
         match next {
             Some(next) if !pending_again => {
-                self.state = State::ApplyingBeside { next: next.clone() };
+                let next = Arc::new(next);
+                self.state = State::ApplyingBeside { next: Arc::clone(&next) };
                 Command::ApplyResultBeside { result, next }
             }
             _ => {
@@ -281,7 +285,7 @@ impl SendMachine {
         }
     }
 
-    fn retry_or_fail(&mut self, batch: Batch, failures: u32, reason: String) -> Command {
+    fn retry_or_fail(&mut self, batch: Arc<Batch>, failures: u32, reason: String) -> Command {
         if failures >= self.policy.max_attempts.max(1) {
             return self.fail(Error::Unreachable { attempts: failures, last: reason });
         }
@@ -337,7 +341,7 @@ mod tests {
         let Command::Upload { batch: up, cut_ahead: true } = m.step(Input::BatchLoaded(Some(b1.clone()))) else {
             panic!()
         };
-        assert_eq!(up, b1);
+        assert_eq!(*up, b1);
         let Command::ApplyResultAndLoadNext(r) = m.step(Input::Answered(result(&b1))) else { panic!() };
         assert_eq!(r.batch_seq, 1);
         // Applying batch 1's answer loaded batch 2, which goes next.
@@ -359,18 +363,18 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((r1.batch_seq, next), (1, b2.clone()));
+        assert_eq!((r1.batch_seq, &*next), (1, &b2));
         // The upload of batch 2 failed meanwhile: batch 1 is done, batch 2 is retried as usual.
         let Command::Sleep(_) = m.step(Input::AppliedBeside(Box::new(Input::TransportFailed("reset".into())))) else {
             panic!()
         };
         assert_eq!(m.report().batches, 1);
         let Command::Upload { batch: again, cut_ahead: false } = m.step(Input::Slept) else { panic!() };
-        assert_eq!(again, b2);
+        assert_eq!(*again, b2);
         let Command::ApplyResultBeside { next, .. } = m.step(Input::AnsweredWithNext(result(&b2), b3.clone())) else {
             panic!()
         };
-        assert_eq!(next, b3);
+        assert_eq!(*next, b3);
         // Batch 3's answer came back beside batch 2's apply, with nothing cut after it.
         let Command::ApplyResultAndLoadNext(r) = m.step(Input::AppliedBeside(Box::new(Input::Answered(result(&b3)))))
         else {
@@ -395,7 +399,7 @@ mod tests {
         let Command::Upload { batch: up, cut_ahead: true } = m.step(Input::BatchLoaded(Some(b2.clone()))) else {
             panic!()
         };
-        assert_eq!((up, m.report().batches), (b2, 1));
+        assert_eq!((&*up, m.report().batches), (&b2, 1));
     }
 
     #[test]
@@ -409,7 +413,7 @@ mod tests {
             let Command::Sleep(d) = m.step(Input::TransportFailed("reset".into())) else { panic!() };
             sleeps.push(d);
             let Command::Upload { batch: again, cut_ahead: false } = m.step(Input::Slept) else { panic!() };
-            assert_eq!(again, b, "a retry must re-send the same batch");
+            assert_eq!(*again, b, "a retry must re-send the same batch");
         }
         assert_eq!(sleeps, [100, 200, 400].map(Duration::from_millis));
         assert!(matches!(m.step(Input::Answered(result(&b))), Command::ApplyResultAndLoadNext(_)));
