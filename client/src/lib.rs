@@ -371,6 +371,25 @@ impl Client {
         .await
     }
 
+    /// Stages `page` of `receive` on a blocking thread (file I/O only, no database).
+    async fn stage_in_background(
+        &self,
+        receive: &mut db::receive::InProgress,
+        page: engine::receive::ArrivedPage,
+    ) -> Result<()> {
+        let (staging, mut moved) = (self.staging.clone(), receive.clone());
+        let done =
+            tokio::task::spawn_blocking(move || db::receive::stage_page(&staging, &mut moved, &page).map(|()| moved));
+        match done.await {
+            Ok(staged) => {
+                *receive = staged?;
+                Ok(())
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::InvalidState(format!("staging a page was stopped: {e}"))),
+        }
+    }
+
     /// Runs `work` on the database on a blocking thread (see [`Client::in_local_transaction`]).
     async fn in_background<T: Send + 'static>(
         &self,
@@ -539,7 +558,7 @@ impl Client {
 
     /// The receive bookkeeping: the stored cursor and any interrupted receive.
     pub fn receive_state(&self) -> Result<ReceiveState> {
-        db::receive::state(&self.lock())
+        db::receive::state(&self.lock(), &self.staging)
     }
 
     /// The cursor of the last completed receive (empty: never received).
@@ -596,11 +615,10 @@ impl Client {
 
     async fn receive_inner(&self, progress: Option<&(dyn Fn(ReceiveProgress) + Send + Sync)>) -> Result<ReceiveReport> {
         let _guard = RunGuard::acquire(&RECEIVING, &self.path)?;
-        let state = {
-            let mut conn = self.lock();
+        let (state, mut receive) = {
+            let conn = self.lock();
             self.require_schema(&conn)?;
-            db::receive::check_staging(&mut conn, &self.staging)?;
-            db::receive::state(&conn)?
+            db::receive::begin(&conn, &self.staging)?
         };
         let rows_total = match progress {
             Some(_) if !state.complete => self.estimate().await.map(|e| e.rows).unwrap_or(0),
@@ -619,8 +637,7 @@ impl Client {
                     // out meanwhile and the server works on it while the device stages.
                     let staged_progress = machine.progress();
                     let stage = async {
-                        let staging = self.staging.clone();
-                        self.in_background(move |conn| db::receive::stage_page(conn, &staging, &page)).await?;
+                        self.stage_in_background(&mut receive, page).await?;
                         // Progress is reported once the page is staged, not when the next arrives.
                         if let Some(cb) = progress {
                             cb(staged_progress);
@@ -632,7 +649,7 @@ impl Client {
                     machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }
                 Rc::Stage(page) => {
-                    db::receive::stage_page(&mut self.lock(), &self.staging, &page)?;
+                    db::receive::stage_page(&self.staging, &mut receive, &page)?;
                     if let Some(cb) = progress {
                         cb(machine.progress());
                     }
@@ -643,14 +660,17 @@ impl Client {
                     machine.step(Ri::Slept)
                 }
                 Rc::Restart => {
-                    db::receive::reset_cursor(&mut self.lock(), &self.staging)?;
+                    let mut conn = self.lock();
+                    db::receive::reset_cursor(&mut conn, &self.staging)?;
+                    receive = db::receive::begin(&conn, &self.staging)?.1;
+                    drop(conn);
                     machine.step(Ri::Restarted)
                 }
                 Rc::ApplyStaged => {
                     let stats = {
-                        let mut conn = self.lock();
+                        let conn = self.lock();
                         let schema = self.require_schema(&conn)?;
-                        db::receive::apply_staged(&mut conn, &self.staging, &schema)?
+                        db::receive::apply_staged(&conn, &self.staging, &schema)?
                     };
                     machine.step(Ri::Applied(stats))
                 }

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use ferry_client::db::receive::{apply_staged, stage_page};
+use ferry_client::db::receive::{apply_staged, begin, stage_page};
 use ferry_client::db::staging::StagingFile;
 use ferry_client::engine::receive::ArrivedPage;
 use ferry_client::ferry_protocol::{
@@ -33,10 +33,11 @@ fn products(data: &[(i64, i64, u64)]) -> TableRows {
 /// client's own connection is idle between calls).
 fn receive(dir: &tempfile::TempDir, page: &ChangePage) -> ferry_client::engine::receive::ApplyStats {
     let path = dir.path().join("device.db");
-    let mut conn = ferry_client::db::open(&path).unwrap();
+    let conn = ferry_client::db::open(&path).unwrap();
     let staging = StagingFile::for_database(&path);
-    stage_page(&mut conn, &staging, &ArrivedPage::from_page(page).unwrap()).unwrap();
-    apply_staged(&mut conn, &staging, &schema()).unwrap()
+    let (_, mut receive) = begin(&conn, &staging).unwrap();
+    stage_page(&staging, &mut receive, &ArrivedPage::from_page(page).unwrap()).unwrap();
+    apply_staged(&conn, &staging, &schema()).unwrap()
 }
 
 fn version(c: &Client, table: &str, id: i64) -> Option<i64> {

@@ -90,6 +90,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     }
     conn.execute("UPDATE ferry_ctl SET applying = 0 WHERE id = 1", [])?;
     staged_pages_leave_the_database(&mut conn)?;
+    receive::forget_counted_progress(&conn)?;
     // Databases that kept every table's versions in one shared table: reinstalling their schema
     // moves the versions into the per-table tables and points the triggers there.
     let shared_versions: bool = conn.query_row(
@@ -208,7 +209,8 @@ mod tests {
 
     use rusqlite::StatementStatus;
 
-    /// A receive interrupted by a client that staged pages in the database starts over.
+    /// A receive interrupted by a client that staged pages in the database, or counted its staged
+    /// pages there, starts over.
     #[test]
     fn pages_staged_in_the_database_by_an_older_client_are_dropped_and_their_receive_starts_over() {
         let dir = tempfile::tempdir().unwrap();
@@ -218,13 +220,20 @@ mod tests {
             conn.execute_batch(
                 "CREATE TABLE ferry_staged(page INTEGER PRIMARY KEY, body BLOB NOT NULL);
                  INSERT INTO ferry_staged VALUES (1, x'00');
-                 INSERT INTO ferry_meta(key, value) VALUES ('cursor', 'c1'), ('receive_next', 'c2'), ('receive_full', '1');",
+                 INSERT INTO ferry_meta(key, value) VALUES ('cursor', 'c1'), ('receive_next', 'c2'), ('receive_full', '1'),
+                   ('receive_staged_bytes', '9'), ('receive_pages', '1');",
             )
             .unwrap();
         }
+        // The older client's staging file: records with no header.
+        std::fs::write(dir.path().join("device.db.receive"), [5, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
         let conn = super::open(&path).unwrap();
-        let state = super::receive::state(&conn).unwrap();
-        assert_eq!((state.cursor.0.as_str(), state.resume, state.full), ("c1", None, false));
+        let staging = super::staging::StagingFile::for_database(&path);
+        let state = super::receive::state(&conn, &staging).unwrap();
+        assert_eq!((state.cursor.0.as_str(), state.resume, state.full, state.staged_pages), ("c1", None, false, 0));
+        let counted: i64 =
+            conn.query_row("SELECT count(*) FROM ferry_meta WHERE key LIKE 'receive%'", [], |r| r.get(0)).unwrap();
+        assert_eq!(counted, 0);
         let tables: i64 =
             conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'ferry_staged'", [], |r| r.get(0)).unwrap();
         assert_eq!(tables, 0);

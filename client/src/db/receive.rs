@@ -1,34 +1,37 @@
 //! Staging received pages durably and applying them atomically (R9, R11, R12).
 //!
-//! A receive in progress is the pages in the staging file ([`StagingFile`]) plus `ferry_meta`
-//! keys:
-//! - `cursor`: the cursor of the last *completed* receive (absent or empty: never received);
-//! - `receive_next`: the cursor to fetch the next page of the receive in progress with;
-//! - `receive_full`: `1` if the receive in progress is a full one;
-//! - `receive_complete`: `1` once the last page is staged (only the apply is left);
-//! - `receive_staged_bytes` and `receive_pages`: how much of the staging file, and how many
-//!   pages, belong to the receive in progress.
+//! A receive in progress is `ferry_meta` key `receive_id` (a uuid: which receive the staging
+//! file's pages belong to, see [`StagingFile`]) plus the pages in the staging file. The stored
+//! `cursor` (absent or empty: never received) only moves when a receive is applied: the apply's
+//! transaction sets it to the last page's `next` and deletes `receive_id` in one commit, so a
+//! staging file left behind after it belongs to no receive.
 //!
-//! Each page is appended to the staging file and synced, then its `next` cursor and the file's
-//! new length are committed in one local transaction, so an interrupted receive resumes after
-//! the last complete page with the same target.
+//! Nothing is written to the database while pages arrive: each is appended to the staging file
+//! and synced before the next is asked for, and the file alone says how far the download got.
+//! That leaves the database's one writer free for the apply, which [`ApplySession`] keeps open
+//! across pages: it may begin before the download ends and apply pages as they arrive.
 
 use std::collections::{HashMap, HashSet};
 
 use ferry_protocol::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use ferry_protocol::{ChangePageView, Cursor, Encoding, Removal, Schema, Table, TableRowsView, ValueView};
 use rusqlite::{CachedStatement, Connection};
+use uuid::Uuid;
 
 use crate::db::schema::{key_array, only_capture_triggers};
-use crate::db::staging::StagingFile;
+use crate::db::staging::{PageMark, Staged, StagingFile};
 use crate::db::values::{SqlRef, Upsert, key_clause, push_key_json};
 use crate::db::versions::{self, VersionWriter};
 use crate::db::{meta_delete, meta_get, meta_set, quote, set_applying};
 use crate::engine::receive::{ApplyStats, ArrivedPage};
 use crate::error::{Error, Result};
 
-/// The `ferry_meta` keys of a receive in progress.
-const RECEIVE_KEYS: [&str; 5] =
+/// The `ferry_meta` key naming the receive in progress.
+const RECEIVE_ID: &str = "receive_id";
+
+/// The `ferry_meta` keys with which databases before the staging file's header counted their
+/// staged pages (see [`forget_counted_progress`]).
+const COUNTED_PROGRESS_KEYS: [&str; 5] =
     ["receive_next", "receive_full", "receive_complete", "receive_staged_bytes", "receive_pages"];
 
 /// Where the device stands in the server's change feed.
@@ -51,69 +54,89 @@ impl ReceiveState {
     pub fn fetch_cursor(&self) -> Cursor {
         self.resume.clone().unwrap_or_else(|| self.cursor.clone())
     }
-}
 
-/// Reads the receive bookkeeping.
-pub fn state(conn: &Connection) -> Result<ReceiveState> {
-    Ok(ReceiveState {
-        cursor: Cursor(meta_get(conn, "cursor")?.unwrap_or_default()),
-        resume: meta_get(conn, "receive_next")?.map(Cursor),
-        full: meta_get(conn, "receive_full")?.as_deref() == Some("1"),
-        staged_pages: meta_number(conn, "receive_pages")?,
-        complete: meta_get(conn, "receive_complete")?.as_deref() == Some("1"),
-    })
-}
-
-/// A counter kept in `ferry_meta` (absent: 0).
-fn meta_number(conn: &Connection, key: &str) -> Result<u64> {
-    match meta_get(conn, key)? {
-        None => Ok(0),
-        Some(v) => v.parse().map_err(|_| Error::Corrupt(format!("ferry_meta {key} = {v:?}"))),
+    fn of(cursor: Cursor, staged: &Staged) -> Self {
+        ReceiveState {
+            cursor,
+            resume: staged.next.clone(),
+            full: staged.full,
+            staged_pages: staged.pages,
+            complete: staged.complete,
+        }
     }
 }
 
-/// Drops a receive in progress whose staged pages are no longer all in the staging file (the
-/// file was removed or cut behind Ferry's back): it starts over from the stored cursor rather
-/// than failing at the apply. Returns whether it dropped one.
-pub fn check_staging(conn: &mut Connection, staging: &StagingFile) -> Result<bool> {
-    let staged = meta_number(conn, "receive_staged_bytes")?;
-    if staged == 0 || staging.bytes()? >= staged {
-        return Ok(false);
+/// The id of the receive in progress, if any.
+fn receive_id(conn: &Connection) -> Result<Option<Uuid>> {
+    match meta_get(conn, RECEIVE_ID)? {
+        None => Ok(None),
+        Some(v) => {
+            Uuid::parse_str(&v).map(Some).map_err(|_| Error::Corrupt(format!("ferry_meta {RECEIVE_ID} = {v:?}")))
+        }
     }
-    tracing::warn!(file = %staging.path().display(), staged, "the staging file lost pages of the receive in progress; it starts over");
-    drop_staged(conn, staging)?;
-    Ok(true)
 }
 
-/// Stores one page and the cursor to continue with: appends its message, as it arrived, to the
-/// staging file, then commits the cursor and the file's new length in one local transaction.
-pub fn stage_page(conn: &mut Connection, staging: &StagingFile, page: &ArrivedPage) -> Result<()> {
-    let at = meta_number(conn, "receive_staged_bytes")?;
-    let pages = meta_number(conn, "receive_pages")?;
-    let len = staging.append(at, &page.body)?;
-    let tx = conn.transaction()?;
-    meta_set(&tx, "receive_staged_bytes", &len.to_string())?;
-    meta_set(&tx, "receive_pages", &(pages + 1).to_string())?;
-    meta_set(&tx, "receive_next", &page.next.0)?;
-    if page.full {
-        meta_set(&tx, "receive_full", "1")?;
-    }
-    if page.last {
-        meta_set(&tx, "receive_complete", "1")?;
-    }
-    tx.commit()?;
-    Ok(())
+fn stored_cursor(conn: &Connection) -> Result<Cursor> {
+    Ok(Cursor(meta_get(conn, "cursor")?.unwrap_or_default()))
 }
 
-fn clear_staged(conn: &Connection) -> Result<()> {
-    for key in RECEIVE_KEYS {
-        meta_delete(conn, key)?;
+/// Reads the receive bookkeeping: the stored cursor and what the staging file holds.
+pub fn state(conn: &Connection, staging: &StagingFile) -> Result<ReceiveState> {
+    let staged = match receive_id(conn)? {
+        Some(id) => staging.scan(&id)?,
+        None => Staged::default(),
+    };
+    Ok(ReceiveState::of(stored_cursor(conn)?, &staged))
+}
+
+/// A receive in progress, as its driver carries it from page to page.
+#[derive(Debug, Clone)]
+pub struct InProgress {
+    id: Uuid,
+    staged: Staged,
+}
+
+impl InProgress {
+    /// What is staged so far.
+    pub fn staged(&self) -> &Staged {
+        &self.staged
     }
+}
+
+/// Starts or continues the receive in progress: gives it an id if it has none (committed before
+/// any of its pages is staged) and reads what the staging file holds of it.
+pub fn begin(conn: &Connection, staging: &StagingFile) -> Result<(ReceiveState, InProgress)> {
+    let id = match receive_id(conn)? {
+        Some(id) => id,
+        None => {
+            let id = Uuid::now_v7();
+            meta_set(conn, RECEIVE_ID, &id.to_string())?;
+            id
+        }
+    };
+    let staged = staging.scan(&id)?;
+    Ok((ReceiveState::of(stored_cursor(conn)?, &staged), InProgress { id, staged }))
+}
+
+/// Stores one page durably: appends its message, as it arrived, to the staging file, with the
+/// cursor to continue from. No database access.
+pub fn stage_page(staging: &StagingFile, receive: &mut InProgress, page: &ArrivedPage) -> Result<()> {
+    if receive.staged.complete {
+        return Err(Error::InvalidState("a page staged after the receive's last".into()));
+    }
+    let mark = PageMark { full: page.full, last: page.last, next: &page.next };
+    let staged = &mut receive.staged;
+    staged.end = staging.append(&receive.id, staged.end, mark, &page.body)?;
+    staged.pages += 1;
+    staged.full |= page.full;
+    staged.complete = page.last;
+    staged.next = Some(page.next.clone());
     Ok(())
 }
 
 /// Removes the staging file once the database no longer counts on it. A file that stays (the
-/// removal failed) is harmless: the next receive's first append cuts it to nothing.
+/// removal failed) is harmless: it names a receive that is over, and the next receive's first
+/// append replaces it.
 fn discard_file(staging: &StagingFile) {
     if let Err(e) = staging.remove() {
         tracing::warn!(error = %e, "the staging file stays until the next receive");
@@ -121,10 +144,8 @@ fn discard_file(staging: &StagingFile) {
 }
 
 /// Drops the receive in progress; the next receive starts over from the stored cursor.
-pub fn drop_staged(conn: &mut Connection, staging: &StagingFile) -> Result<()> {
-    let tx = conn.transaction()?;
-    clear_staged(&tx)?;
-    tx.commit()?;
+pub fn drop_staged(conn: &Connection, staging: &StagingFile) -> Result<()> {
+    meta_delete(conn, RECEIVE_ID)?;
     discard_file(staging);
     Ok(())
 }
@@ -132,39 +153,51 @@ pub fn drop_staged(conn: &mut Connection, staging: &StagingFile) -> Result<()> {
 /// Drops the receive in progress and resets the stored cursor to empty (the next receive is full).
 pub fn reset_cursor(conn: &mut Connection, staging: &StagingFile) -> Result<()> {
     let tx = conn.transaction()?;
-    clear_staged(&tx)?;
+    meta_delete(&tx, RECEIVE_ID)?;
     meta_set(&tx, "cursor", "")?;
     tx.commit()?;
     discard_file(staging);
     Ok(())
 }
 
-/// Applies every staged page in one local transaction, capture off and foreign keys checked at
-/// commit, then stores the last page's `next` as the cursor and clears the staging.
+/// Databases that counted their staged pages in `ferry_meta` (before the staging file had a
+/// header): a receive they left interrupted starts over from the stored cursor (nothing of it
+/// was applied; its file names no receive and is replaced).
+pub fn forget_counted_progress(conn: &Connection) -> Result<()> {
+    for key in COUNTED_PROGRESS_KEYS {
+        meta_delete(conn, key)?;
+    }
+    Ok(())
+}
+
+/// Applies every staged page in one local transaction (see [`ApplySession`]), then stores the
+/// last page's `next` as the cursor and ends the receive.
 ///
-/// A full receive first deletes every row of every received table that has no log entry. Rows
-/// with log entries (unsent or failed local changes) are never touched (R12). On any failure
-/// nothing is applied, the cursor is unchanged, the staged pages are dropped (the next receive
-/// starts over from the stored cursor) and [`Error::ReceiveApply`] is returned.
-pub fn apply_staged(conn: &mut Connection, staging: &StagingFile, schema: &Schema) -> Result<ApplyStats> {
-    // A large receive touches more pages than SQLite's default cache (2 MiB) holds: SQLite then
-    // spills dirty pages into the WAL mid-transaction and reads them back. A bigger cache for the
-    // apply alone (given back afterwards) keeps them in memory.
-    let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
-    conn.pragma_update(None, "cache_size", APPLY_CACHE_KIB)?;
-    // With capture off, Ferry's triggers do nothing, yet SQLite still runs a trigger program for
-    // each written row to find that out (about a sixth of the device's receive time). When they are the only
-    // triggers there, the apply switches triggers off for this connection; the app's own
-    // triggers, where there are any, keep firing for received rows.
-    let quiet = only_capture_triggers(conn, schema)?;
-    if quiet {
-        set_triggers(conn, false)?;
-    }
-    let applied = apply_inner(conn, staging, schema);
-    if quiet {
-        set_triggers(conn, true)?;
-    }
-    conn.pragma_update(None, "cache_size", cache)?;
+/// On any failure nothing is applied, the cursor is unchanged, the staged pages are dropped (the
+/// next receive starts over from the stored cursor) and [`Error::ReceiveApply`] is returned.
+pub fn apply_staged(conn: &Connection, staging: &StagingFile, schema: &Schema) -> Result<ApplyStats> {
+    let applied = (|| {
+        let id = receive_id(conn)?.ok_or_else(|| Error::Corrupt("apply asked with no receive in progress".into()))?;
+        let staged = staging.scan(&id)?;
+        if !staged.complete {
+            return Err(Error::Corrupt("apply asked before the last page was staged".into()));
+        }
+        let mut session = ApplySession::begin(conn, schema, staged.full)?;
+        let mut records = staging.records(&id)?;
+        let mut body = Vec::new();
+        while let Some(mark) = records.next_into(&mut body)? {
+            session.page(&body)?;
+            if mark.last {
+                return session.commit(&mark.next);
+            }
+        }
+        Err(Error::Corrupt("the staging file ended before the last page".into()))
+    })();
+    finish_apply(conn, staging, applied)
+}
+
+/// After an apply: the staging file goes; on failure the receive is dropped too.
+pub fn finish_apply(conn: &Connection, staging: &StagingFile, applied: Result<ApplyStats>) -> Result<ApplyStats> {
     match applied {
         Ok(stats) => {
             discard_file(staging);
@@ -188,54 +221,126 @@ fn set_triggers(conn: &Connection, on: bool) -> Result<()> {
 /// The page cache an apply may use, as SQLite's `cache_size` takes it (negative: KiB).
 const APPLY_CACHE_KIB: i64 = -16 * 1024;
 
-fn apply_inner(conn: &mut Connection, staging: &StagingFile, schema: &Schema) -> Result<ApplyStats> {
-    let tx = conn.transaction()?;
-    tx.pragma_update(None, "defer_foreign_keys", true)?;
-    set_applying(&tx, true)?;
-    let before = state(&tx)?;
-    if !before.complete {
-        return Err(Error::Corrupt("apply asked before the last page was staged".into()));
-    }
-    let mut records = staging.records(meta_number(&tx, "receive_staged_bytes")?)?;
-    let mut stats = ApplyStats { pages: before.staged_pages, full: before.full, ..ApplyStats::default() };
-    if before.full {
-        // Children first (foreign keys are deferred anyway).
-        for table in schema.tables.iter().rev().filter(|t| t.is_received()) {
-            tx.execute(
-                &format!(
-                    "DELETE FROM {t} WHERE {key} NOT IN (SELECT pk FROM ferry_log WHERE tbl = ?1 AND pk IS NOT NULL)",
-                    t = quote(&table.name),
-                    key = key_array(&quote(&table.name), table)
-                ),
-                [&table.name],
-            )?;
-            versions::forget_all_but_logged(&tx, table)?;
+/// One receive being applied: a write transaction on `conn`, capture off and foreign keys
+/// checked at commit, into which pages are applied one at a time, as they are read back from
+/// the staging file or as they arrive, until [`ApplySession::commit`]. Dropped before that, it
+/// rolls everything back.
+///
+/// A full receive first deletes every row of every received table that has no log entry. Rows
+/// with log entries (unsent or failed local changes) are never touched (R12).
+pub struct ApplySession<'c> {
+    conn: &'c Connection,
+    applier: Applier<'c>,
+    stats: ApplyStats,
+    /// The connection's `cache_size` before the apply, given back after it.
+    cache: i64,
+    /// Whether the apply switched triggers off (and must switch them on again).
+    quiet: bool,
+    /// Whether the transaction is still open (rolled back on drop).
+    open: bool,
+}
+
+impl<'c> ApplySession<'c> {
+    /// Begins the transaction (taking the database's write lock at once) and, for a full
+    /// receive, clears the received tables.
+    pub fn begin(conn: &'c Connection, schema: &'c Schema, full: bool) -> Result<Self> {
+        // A large receive touches more pages than SQLite's default cache (2 MiB) holds: SQLite then
+        // spills dirty pages into the WAL mid-transaction and reads them back. A bigger cache for the
+        // apply alone (given back afterwards) keeps them in memory.
+        let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
+        conn.pragma_update(None, "cache_size", APPLY_CACHE_KIB)?;
+        // With capture off, Ferry's triggers do nothing, yet SQLite still runs a trigger program for
+        // each written row to find that out (about a sixth of the device's receive time). When they
+        // are the only triggers there, the apply switches triggers off for this connection; the
+        // app's own triggers, where there are any, keep firing for received rows.
+        let quiet = only_capture_triggers(conn, schema)?;
+        if quiet {
+            set_triggers(conn, false)?;
+        }
+        let restore = |conn: &Connection| {
+            if quiet {
+                let _ = set_triggers(conn, true);
+            }
+            let _ = conn.pragma_update(None, "cache_size", cache);
+        };
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            restore(conn);
+            return Err(e.into());
+        }
+        let started = (|| {
+            conn.pragma_update(None, "defer_foreign_keys", true)?;
+            set_applying(conn, true)?;
+            let applier = Applier::new(conn, schema)?;
+            if full {
+                // Children first (foreign keys are deferred anyway).
+                for table in schema.tables.iter().rev().filter(|t| t.is_received()) {
+                    conn.execute(
+                        &format!(
+                            "DELETE FROM {t} WHERE {key} NOT IN (SELECT pk FROM ferry_log WHERE tbl = ?1 AND pk IS NOT NULL)",
+                            t = quote(&table.name),
+                            key = key_array(&quote(&table.name), table)
+                        ),
+                        [&table.name],
+                    )?;
+                    versions::forget_all_but_logged(conn, table)?;
+                }
+            }
+            Ok::<_, Error>(applier)
+        })();
+        match started {
+            Ok(applier) => Ok(ApplySession {
+                conn,
+                applier,
+                stats: ApplyStats { full, ..ApplyStats::default() },
+                cache,
+                quiet,
+                open: true,
+            }),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                restore(conn);
+                Err(e)
+            }
         }
     }
-    let mut applier = Applier::new(&tx, schema)?;
-    let mut next = None;
-    let mut body = Vec::new();
-    let mut n = 0u64;
-    while records.next_into(&mut body)? {
-        n += 1;
+
+    /// Applies one page, given as the postcard message it arrived as.
+    pub fn page(&mut self, body: &[u8]) -> Result<()> {
+        let n = self.stats.pages + 1;
         let page: ChangePageView<'_> = Encoding::Postcard
-            .decode(&body, DEFAULT_MAX_MESSAGE_BYTES.saturating_mul(4))
+            .decode(body, DEFAULT_MAX_MESSAGE_BYTES.saturating_mul(4))
             .map_err(|e| Error::Corrupt(format!("staged page {n}: {e}")))?;
-        applier.page(&page, &mut stats)?;
-        if page.last {
-            next = Some(page.next.clone());
+        self.applier.page(&page, &mut self.stats)?;
+        self.stats.pages = n;
+        Ok(())
+    }
+
+    /// Pages applied so far.
+    pub fn pages(&self) -> u64 {
+        self.stats.pages
+    }
+
+    /// Stores `next` as the cursor, ends the receive in progress and commits.
+    pub fn commit(mut self, next: &Cursor) -> Result<ApplyStats> {
+        meta_set(self.conn, "cursor", &next.0)?;
+        meta_delete(self.conn, RECEIVE_ID)?;
+        set_applying(self.conn, false)?;
+        self.conn.execute_batch("COMMIT")?;
+        self.open = false;
+        Ok(self.stats)
+    }
+}
+
+impl Drop for ApplySession<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.conn.execute_batch("ROLLBACK");
         }
+        if self.quiet {
+            let _ = set_triggers(self.conn, true);
+        }
+        let _ = self.conn.pragma_update(None, "cache_size", self.cache);
     }
-    drop(applier);
-    if n != before.staged_pages {
-        return Err(Error::Corrupt(format!("{n} pages in the staging file where {} were staged", before.staged_pages)));
-    }
-    let next = next.ok_or_else(|| Error::Corrupt("no last page among the staged pages".into()))?;
-    meta_set(&tx, "cursor", &next.0)?;
-    clear_staged(&tx)?;
-    set_applying(&tx, false)?;
-    tx.commit()?;
-    Ok(stats)
 }
 
 fn table_index(schema: &Schema, name: &str) -> Result<usize> {
