@@ -66,6 +66,12 @@ pub struct ClientConfig {
     /// Pages a receive asks the server to stream in one answer (default 16; 1: one request per
     /// page). The server works on the next page while the device stores the one it got.
     pub pages_per_request: u32,
+    /// Whether and how long a receive applies its pages as they arrive, in one transaction held
+    /// across them (default: while the download keeps pace and no write of this process waits
+    /// for the lock; see [`engine::receive::Overlap`]). Disabled, pages are staged, then applied
+    /// together after the last one. Either way nothing is visible before the whole receive
+    /// commits.
+    pub overlap: engine::receive::Overlap,
     /// Base URL of the blob endpoints when they are served elsewhere (default: `server_url`).
     pub blob_url: Option<String>,
     /// When received blobs are downloaded (default lazy: on first access).
@@ -86,6 +92,7 @@ impl ClientConfig {
             extra_ca_pem: None,
             page_limit: DEFAULT_PAGE_LIMIT,
             pages_per_request: DEFAULT_PAGES_PER_REQUEST,
+            overlap: engine::receive::Overlap::default(),
             blob_url: None,
             blob_policy: BlobPolicy::default(),
             blob_chunk_bytes: DEFAULT_BLOB_CHUNK_BYTES,
@@ -371,23 +378,24 @@ impl Client {
         .await
     }
 
-    /// Stages `page` of `receive` on a blocking thread (file I/O only, no database).
-    async fn stage_in_background(
+    /// The receive's writer, started for `receive` if it is not yet.
+    fn receive_writer<'w>(
         &self,
-        receive: &mut db::receive::InProgress,
-        page: engine::receive::ArrivedPage,
-    ) -> Result<()> {
-        let (staging, mut moved) = (self.staging.clone(), receive.clone());
-        let done =
-            tokio::task::spawn_blocking(move || db::receive::stage_page(&staging, &mut moved, &page).map(|()| moved));
-        match done.await {
-            Ok(staged) => {
-                *receive = staged?;
-                Ok(())
-            }
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(Error::InvalidState(format!("staging a page was stopped: {e}"))),
+        writer: &'w mut Option<db::writer::ReceiveWriter>,
+        receive: &db::receive::InProgress,
+        schema: &Arc<Schema>,
+        overlap: engine::receive::Overlap,
+    ) -> Result<&'w db::writer::ReceiveWriter> {
+        if writer.is_none() {
+            *writer = Some(db::writer::ReceiveWriter::start(
+                &self.path,
+                self.staging.clone(),
+                schema.clone(),
+                receive.clone(),
+                overlap,
+            )?);
         }
+        writer.as_ref().ok_or_else(|| Error::InvalidState("no receive writer".into()))
     }
 
     /// Runs `work` on the database on a blocking thread (see [`Client::in_local_transaction`]).
@@ -581,7 +589,11 @@ impl Client {
     ///
     /// Pages are staged durably as they arrive, in a file beside the database (`<db
     /// file>.receive`, removed once they are applied): an interrupted receive (error, dropped
-    /// connection, app killed) resumes after the last complete page on the next call. Rows with
+    /// connection, app killed) resumes after the last complete page on the next call. While the
+    /// download keeps pace, each page is also applied as it arrives, on a connection and thread of
+    /// the receive's own, in one transaction committed after the last page (nothing is visible
+    /// before); a write of the app that waits for the lock makes it give the lock up, and the
+    /// pages are then applied together at the end (see [`ClientConfig::overlap`]). Rows with
     /// unsent local changes are left alone (R12). An expired cursor restarts the receive in full.
     /// Only one receive runs at a time per device database in this process: a concurrent call
     /// gets [`Error::AlreadyRunning`].
@@ -615,29 +627,36 @@ impl Client {
 
     async fn receive_inner(&self, progress: Option<&(dyn Fn(ReceiveProgress) + Send + Sync)>) -> Result<ReceiveReport> {
         let _guard = RunGuard::acquire(&RECEIVING, &self.path)?;
-        let (state, mut receive) = {
+        let (state, mut receive, schema) = {
             let conn = self.lock();
-            self.require_schema(&conn)?;
-            db::receive::begin(&conn, &self.staging)?
+            let schema = self.require_schema(&conn)?;
+            let (state, receive) = db::receive::begin(&conn, &self.staging)?;
+            (state, receive, schema)
         };
         let rows_total = match progress {
             Some(_) if !state.complete => self.estimate().await.map(|e| e.rows).unwrap_or(0),
             _ => 0,
         };
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
+        let overlap = self.config.overlap;
         let mut machine = ReceiveMachine::new(policy, state.fetch_cursor(), state.complete, rows_total);
         let mut command = machine.start();
         let mut stream = None;
+        // Stages each page and applies it beside the download (started at the first page; dropping
+        // it rolls back what it applied).
+        let mut writer: Option<db::writer::ReceiveWriter> = None;
         use engine::receive::{Command as Rc, Input as Ri};
         loop {
             command = match command {
                 Rc::Fetch { cursor } => machine.step(self.fetch_input(&mut stream, &cursor).await),
                 Rc::StageAndFetch { page, next } => {
-                    // The page is staged on a blocking thread, so the next page's request goes
-                    // out meanwhile and the server works on it while the device stages.
+                    // The page is staged (and applied) by the writer's thread, so the next page's
+                    // request goes out meanwhile and the server works on it while the device
+                    // stores this one.
                     let staged_progress = machine.progress();
+                    let writer = self.receive_writer(&mut writer, &receive, &schema, overlap)?;
                     let stage = async {
-                        self.stage_in_background(&mut receive, page).await?;
+                        receive = writer.page(page).await?;
                         // Progress is reported once the page is staged, not when the next arrives.
                         if let Some(cb) = progress {
                             cb(staged_progress);
@@ -649,7 +668,7 @@ impl Client {
                     machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }
                 Rc::Stage(page) => {
-                    db::receive::stage_page(&self.staging, &mut receive, &page)?;
+                    receive = self.receive_writer(&mut writer, &receive, &schema, overlap)?.page(page).await?;
                     if let Some(cb) = progress {
                         cb(machine.progress());
                     }
@@ -660,6 +679,7 @@ impl Client {
                     machine.step(Ri::Slept)
                 }
                 Rc::Restart => {
+                    writer = None;
                     let mut conn = self.lock();
                     db::receive::reset_cursor(&mut conn, &self.staging)?;
                     receive = db::receive::begin(&conn, &self.staging)?.1;
@@ -667,10 +687,16 @@ impl Client {
                     machine.step(Ri::Restarted)
                 }
                 Rc::ApplyStaged => {
+                    let committed = match writer.take() {
+                        Some(writer) => writer.finish().await?,
+                        None => None,
+                    };
                     let stats = {
                         let conn = self.lock();
-                        let schema = self.require_schema(&conn)?;
-                        db::receive::apply_staged(&conn, &self.staging, &schema)?
+                        match committed {
+                            Some(stats) => db::receive::finish_apply(&conn, &self.staging, Ok(stats))?,
+                            None => db::receive::apply_staged(&conn, &self.staging, &schema)?,
+                        }
                     };
                     machine.step(Ri::Applied(stats))
                 }

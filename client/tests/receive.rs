@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use ferry_client::db::schema::only_capture_triggers;
+use ferry_client::engine::receive::Overlap;
 use ferry_client::ferry_protocol::{
     BatchResult, BlobRef, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, EventOutcome, Key, Outcome,
     Removal, TableRows, Value,
@@ -38,6 +39,10 @@ struct Feed {
     limits: Mutex<Vec<String>>,
     estimate: Mutex<Option<Estimate>>,
     delay: Mutex<Duration>,
+    /// cursor → extra delay before that page's answer.
+    delay_at: Mutex<HashMap<String, Duration>>,
+    /// cursor → the page is answered only once this is notified.
+    gate: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 impl Feed {
@@ -87,6 +92,14 @@ async fn serve(feed: Arc<Feed>) -> String {
                     assert_eq!(url.path(), "/v1/changes");
                     feed.seen.lock().unwrap().push(cursor.clone());
                     feed.limits.lock().unwrap().push(query.get("limit").cloned().unwrap_or_default());
+                    let gate = feed.gate.lock().unwrap().get(&cursor).cloned();
+                    if let Some(gate) = gate {
+                        gate.notified().await;
+                    }
+                    let delay = feed.delay_at.lock().unwrap().get(&cursor).copied();
+                    if let Some(delay) = delay {
+                        tokio::time::sleep(delay).await;
+                    }
                     {
                         let mut drop = feed.drop.lock().unwrap();
                         if let Some(n) = drop.get_mut(&cursor).filter(|n| **n > 0) {
@@ -124,9 +137,14 @@ async fn serve(feed: Arc<Feed>) -> String {
 }
 
 fn client_for(dir: &tempfile::TempDir, url: &str, max_attempts: u32) -> Client {
+    client_with(dir, url, max_attempts, Overlap::default())
+}
+
+fn client_with(dir: &tempfile::TempDir, url: &str, max_attempts: u32, overlap: Overlap) -> Client {
     let mut cfg = config(url);
     cfg.max_attempts = max_attempts;
     cfg.page_limit = 50;
+    cfg.overlap = overlap;
     let c = Client::open(dir.path().join("device.db"), cfg).unwrap();
     c.install_schema(&schema()).unwrap();
     c
@@ -735,4 +753,81 @@ async fn never_two_syncs_at_once() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(auto.attempts(), 2);
     assert_eq!(c.cursor().unwrap(), Cursor("c4".into()));
+}
+
+#[tokio::test]
+async fn pages_apply_as_they_arrive_and_end_as_an_apply_after_the_last_page_does() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let overlapped = client_for(&dir, &url, 1).receive().await.unwrap();
+    assert!(overlapped.overlapped, "{overlapped:?}");
+    let c = client_for(&dir, &url, 1);
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let after = client_with(&other_dir, &url, 1, Overlap { enabled: false, ..Overlap::default() });
+    let report = after.receive().await.unwrap();
+    assert!(!report.overlapped, "{report:?}");
+    assert_eq!(
+        (overlapped.pages_applied, overlapped.rows_upserted, overlapped.full),
+        (report.pages_applied, report.rows_upserted, report.full)
+    );
+    assert_eq!(dump(&c), dump(&after));
+    assert_eq!(c.cursor().unwrap(), after.cursor().unwrap());
+    assert!(!staging_file(&dir).exists());
+}
+
+#[tokio::test]
+async fn pages_that_come_slower_than_they_apply_are_applied_after_the_last_one() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    feed.delay_at.lock().unwrap().insert("c2".into(), Duration::from_millis(400));
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let overlap = Overlap { min_idle: Duration::from_millis(100), ..Overlap::default() };
+    let report = client_with(&dir, &url, 1, overlap).receive().await.unwrap();
+    assert!(!report.overlapped, "the apply gave the lock up while it waited for the last page: {report:?}");
+    assert_eq!((report.pages_applied, report.rows_upserted), (3, 5));
+    let c = client_for(&dir, &url, 1);
+    assert_eq!(dump(&c), uninterrupted(&url).await);
+}
+
+#[tokio::test]
+async fn a_local_write_during_an_overlapped_receive_gets_the_lock_and_its_row_is_kept() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    feed.gate.lock().unwrap().insert("c2".into(), gate.clone());
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Waiting for pages alone would never make this receive give the lock up.
+    let overlap = Overlap { min_idle: Duration::from_secs(600), ..Overlap::default() };
+    let c = Arc::new(client_with(&dir, &url, 1, overlap));
+    let receiving = tokio::spawn({
+        let c = c.clone();
+        async move { c.receive().await }
+    });
+    // The device asks for the last page once the first two are staged and applied.
+    for _ in 0..1000 {
+        if feed.seen.lock().unwrap().iter().any(|s| s == "c2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(feed.seen.lock().unwrap().iter().any(|s| s == "c2"), "the receive reached the last page");
+    // The receive holds the write lock: this write waits until it gives it up (or fails with
+    // `database is locked` after 5 s).
+    c.transaction(|tx| tx.execute("INSERT INTO customer (name, city) VALUES ('Local', NULL)", [])).unwrap();
+    assert_eq!(count(&c, "customer"), 1, "nothing received is visible yet; the local row is");
+    gate.notify_one();
+    let report = receiving.await.unwrap().unwrap();
+    assert!(!report.overlapped, "{report:?}");
+    assert_eq!((report.pages_applied, report.rows_upserted), (3, 5));
+    assert_eq!(count(&c, "customer"), 3, "the two received customers and the local one");
+    assert_eq!(
+        scalar_text(&c, "SELECT name FROM customer WHERE id < 0").unwrap(),
+        "Local",
+        "the local row, unsent, keeps its temporary key"
+    );
 }

@@ -23,6 +23,7 @@ pub mod schema;
 pub mod staging;
 pub mod values;
 pub mod versions;
+pub mod writer;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -74,7 +75,12 @@ pub fn open(path: &Path) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // A write that finds the lock taken waits (up to 5 s) and lets a receive that holds it
+    // across pages know, so it gives the lock up (see `writer`).
+    conn.busy_handler(Some(writer::wait_for_writer))?;
+    // Transactions take the write lock when they begin: a transaction that read first and wrote
+    // later would fail outright if a receive committed in between.
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
     // The sync prepares its statements once and reuses them (a batch cycle alone uses about 20,
     // plus the app's own): room for all of them, so none is compiled again per batch or page.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
@@ -107,6 +113,18 @@ pub fn open(path: &Path) -> Result<Connection> {
     if meta_get(&conn, "next_batch_seq")?.is_none() {
         meta_set(&conn, "next_batch_seq", "1")?;
     }
+    Ok(conn)
+}
+
+/// Opens a second connection on the device database at `path` (opened before by [`open`]), for
+/// a receive's writer: foreign keys on, waiting for the lock up to 5 s without counting as a
+/// waiting write (see [`writer::wait_for_writer`]).
+pub fn open_writer(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    stable_plans(&conn)?;
     Ok(conn)
 }
 

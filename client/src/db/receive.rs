@@ -101,6 +101,11 @@ impl InProgress {
     pub fn staged(&self) -> &Staged {
         &self.staged
     }
+
+    /// The receive's id (the staging file's header).
+    pub fn id(&self) -> &Uuid {
+        &self.id
+    }
 }
 
 /// Starts or continues the receive in progress: gives it an id if it has none (committed before

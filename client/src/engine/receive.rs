@@ -16,6 +16,34 @@ use ferry_protocol::{ChangePage, ChangePageView, CodecError, Cursor, Encoding, E
 use crate::engine::send::RetryPolicy;
 use crate::error::Error;
 
+/// When a receive's apply, running beside its download in one transaction held across pages
+/// (see [`crate::db::writer`]), gives the device's write lock up and leaves the pages to be
+/// applied together at the end: when a write waits for the lock, or when it has waited for
+/// pages longer than it has worked applying them (and longer than `min_idle`). So the lock is
+/// held at most about twice as long as the apply alone takes (plus `min_idle`), and over a slow
+/// network not at all past the first pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap {
+    /// Whether pages are applied as they arrive at all.
+    pub enabled: bool,
+    /// Waiting for pages this long is always allowed.
+    pub min_idle: Duration,
+}
+
+impl Default for Overlap {
+    fn default() -> Self {
+        Overlap { enabled: true, min_idle: Duration::from_millis(250) }
+    }
+}
+
+impl Overlap {
+    /// Whether the apply keeps the lock, having waited `idle` for pages and worked `worked` on
+    /// them since it began; `writer_waiting`: a write has waited for the lock since then.
+    pub fn keeps_lock(&self, idle: Duration, worked: Duration, writer_waiting: bool) -> bool {
+        self.enabled && !writer_waiting && idle <= worked.max(self.min_idle)
+    }
+}
+
 /// What applying the staged pages did (see [`crate::db::receive::apply_staged`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -29,6 +57,9 @@ pub struct ApplyStats {
     pub pages: u64,
     /// Whether the receive was full (rows absent from it were removed).
     pub full: bool,
+    /// Whether the pages were applied as they arrived (see [`Overlap`]), rather than together
+    /// after the last one.
+    pub overlapped: bool,
 }
 
 /// A page as it arrived: its postcard message, kept as received (it is staged verbatim and
@@ -150,6 +181,8 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// Whether the receive was restarted in full because the cursor had expired.
     pub restarted: bool,
+    /// Whether its pages were applied as they arrived (see [`Overlap`]).
+    pub overlapped: bool,
 }
 
 /// Progress of a receive, reported after each staged page.
@@ -302,6 +335,7 @@ impl ReceiveMachine {
                 self.report.rows_removed = stats.rows_removed;
                 self.report.rows_skipped = stats.rows_skipped;
                 self.report.full |= stats.full;
+                self.report.overlapped = stats.overlapped;
                 self.state = State::Done;
                 Command::Finished(self.report)
             }
@@ -373,7 +407,8 @@ mod tests {
             "the last page is staged alone"
         );
         assert!(matches!(m.step(Input::Staged), Command::ApplyStaged));
-        let stats = ApplyStats { rows_upserted: 3, rows_removed: 2, rows_skipped: 0, pages: 2, full: false };
+        let stats =
+            ApplyStats { rows_upserted: 3, rows_removed: 2, rows_skipped: 0, pages: 2, full: false, overlapped: true };
         let Command::Finished(r) = m.step(Input::Applied(stats)) else { panic!() };
         assert_eq!(
             r,
@@ -385,7 +420,8 @@ mod tests {
                 rows_skipped: 0,
                 full: false,
                 bytes: 80,
-                restarted: false
+                restarted: false,
+                overlapped: true
             }
         );
     }
@@ -471,6 +507,19 @@ mod tests {
             panic!()
         };
         assert_eq!((r.pages, r.pages_applied), (0, 3));
+    }
+
+    #[test]
+    fn the_overlapped_apply_keeps_the_lock_only_while_pages_keep_pace_and_no_write_waits() {
+        let o = Overlap::default();
+        let ms = Duration::from_millis;
+        assert!(o.keeps_lock(ms(0), ms(0), false));
+        assert!(o.keeps_lock(ms(250), ms(10), false), "a short wait is always allowed");
+        assert!(!o.keeps_lock(ms(251), ms(10), false), "a slow network: the pages come slower than they apply");
+        assert!(o.keeps_lock(ms(900), ms(1000), false), "waiting no longer than working");
+        assert!(!o.keeps_lock(ms(1001), ms(1000), false));
+        assert!(!o.keeps_lock(ms(0), ms(1000), true), "a waiting write always gets the lock");
+        assert!(!Overlap { enabled: false, ..o }.keeps_lock(ms(0), ms(0), false));
     }
 
     #[test]

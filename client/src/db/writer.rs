@@ -1,0 +1,255 @@
+//! The receive's writer: a connection and a thread of its own that stage each arriving page and
+//! apply it at once, in one transaction held open across the pages while the download keeps
+//! pace, so the device applies a receive beside the server's work instead of after it (R11 still
+//! holds: nothing is visible before the commit after the last page).
+//!
+//! The transaction holds the database's write lock, so it gives it up (rolls back, and the
+//! receive goes on staging only, its pages applied together at the end as before) when
+//! [`engine::receive::Overlap`](crate::engine::receive::Overlap) says so: when a write of this
+//! process waits for the lock (the busy handler of every connection [`crate::db::open`] makes
+//! counts those waits, [`wait_for_writer`]) or when the pages come slower than they apply.
+//! Reads never wait: in WAL mode the app's connection keeps reading the state before the receive
+//! until the commit.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use ferry_protocol::Schema;
+use rusqlite::Connection;
+
+use crate::db::receive::{ApplySession, InProgress, stage_page};
+use crate::db::staging::StagingFile;
+use crate::engine::receive::{ApplyStats, ArrivedPage, Overlap};
+use crate::error::{Error, Result};
+
+/// Waits for the write lock seen so far by any connection of this process (see
+/// [`wait_for_writer`]).
+static WRITER_WAITS: AtomicU64 = AtomicU64::new(0);
+
+/// How long a connection waits for the write lock before it reports `database is locked`.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The busy handler of the device's connections: counts the wait (an applying receive gives the
+/// lock up when it sees one), then sleeps a little and tries again, for up to [`LOCK_WAIT`].
+pub fn wait_for_writer(attempt: i32) -> bool {
+    WRITER_WAITS.fetch_add(1, Ordering::Relaxed);
+    // 1 ms for the first 10 attempts, 5 ms after: about LOCK_WAIT in all.
+    let attempt = attempt.max(0) as u64;
+    let slept_ms = if attempt < 10 { attempt } else { 10 + (attempt - 10) * 5 };
+    if slept_ms >= LOCK_WAIT.as_millis() as u64 {
+        return false;
+    }
+    std::thread::sleep(Duration::from_millis(if attempt < 10 { 1 } else { 5 }));
+    true
+}
+
+/// How often the writer looks whether it should give the lock up while it waits for a page.
+const POLL: Duration = Duration::from_millis(5);
+
+enum Job {
+    /// Stage the page, apply it if the transaction is open, reply with the receive's progress.
+    Page(ArrivedPage, tokio::sync::oneshot::Sender<Result<InProgress>>),
+    /// Commit the transaction (the last page is staged and applied), reply with what it did;
+    /// `None`: no transaction is open (it was given up or never began), apply the staged pages.
+    Finish(tokio::sync::oneshot::Sender<Option<ApplyStats>>),
+}
+
+/// The writer of one receive (see the module). Dropping it rolls back whatever it applied.
+pub struct ReceiveWriter {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReceiveWriter {
+    /// Opens the writer's connection on the database at `path` and starts its thread for
+    /// `receive`, whose pages go to `staging`.
+    pub fn start(
+        path: &Path,
+        staging: StagingFile,
+        schema: Arc<Schema>,
+        receive: InProgress,
+        overlap: Overlap,
+    ) -> Result<Self> {
+        let conn = crate::db::open_writer(path)?;
+        let (jobs, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ferry-receive".into())
+            .spawn(move || run(&conn, &staging, &schema, receive, overlap, &rx))
+            .map_err(|e| Error::InvalidState(format!("no thread for the receive's writer: {e}")))?;
+        Ok(ReceiveWriter { jobs: Some(jobs), thread: Some(thread) })
+    }
+
+    /// Stages `page` (and applies it, if the transaction is open); returns the receive's progress.
+    pub async fn page(&self, page: ArrivedPage) -> Result<InProgress> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Job::Page(page, reply))?;
+        answer.await.map_err(|_| Self::gone())?
+    }
+
+    /// Commits the receive if its transaction applied every page; `None` if it did not (the
+    /// staged pages are to be applied now, see [`crate::db::receive::apply_staged`]).
+    pub async fn finish(mut self) -> Result<Option<ApplyStats>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Job::Finish(reply))?;
+        let stats = answer.await.map_err(|_| Self::gone())?;
+        self.stop();
+        Ok(stats)
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        self.jobs.as_ref().ok_or_else(Self::gone)?.send(job).map_err(|_| Self::gone())
+    }
+
+    fn gone() -> Error {
+        Error::InvalidState("the receive's writer stopped".into())
+    }
+
+    fn stop(&mut self) {
+        self.jobs = None; // the thread rolls back what is open and ends
+        if let Some(thread) = self.thread.take()
+            && let Err(panic) = thread.join()
+        {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for ReceiveWriter {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer's open transaction and what the overlap policy weighs.
+struct Open<'c> {
+    session: ApplySession<'c>,
+    /// [`WRITER_WAITS`] when the transaction began.
+    waits: u64,
+    /// Time spent applying pages since it began.
+    worked: Duration,
+    /// Time spent waiting for pages since it began.
+    idle: Duration,
+}
+
+fn run(
+    conn: &Connection,
+    staging: &StagingFile,
+    schema: &Schema,
+    mut receive: InProgress,
+    overlap: Overlap,
+    jobs: &mpsc::Receiver<Job>,
+) {
+    // None: not begun yet; Some(None): given up (or failed to begin) for the rest of the receive.
+    let mut open: Option<Option<Open<'_>>> = None;
+    loop {
+        let waited = Instant::now();
+        let job = match jobs.recv_timeout(POLL) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(Some(o)) = open.as_mut() {
+                    o.idle += waited.elapsed();
+                    if !keeps_lock(&overlap, o) {
+                        give_up(&mut open, "the pages come slower than they apply, or a write waits");
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return, // dropping `open` rolls back
+        };
+        if let Some(Some(o)) = open.as_mut() {
+            o.idle += waited.elapsed();
+        }
+        match job {
+            Job::Page(page, reply) => {
+                let staged = stage_page(staging, &mut receive, &page);
+                if staged.is_ok() {
+                    apply_beside(conn, staging, schema, &receive, &page, &overlap, &mut open);
+                }
+                let _ = reply.send(staged.map(|()| receive.clone()));
+            }
+            Job::Finish(reply) => {
+                let stats = match open.take().flatten() {
+                    Some(o) if receive.staged().complete => {
+                        let next = receive.staged().next.clone().unwrap_or_default();
+                        o.session
+                            .commit(&next)
+                            .map(|stats| ApplyStats { overlapped: true, ..stats })
+                            .map_err(|e| tracing::debug!(error = %e, "the overlapped apply did not commit"))
+                            .ok()
+                    }
+                    _ => None,
+                };
+                let _ = reply.send(stats);
+                return;
+            }
+        }
+    }
+}
+
+/// Applies the page just staged in the open transaction, beginning it at the receive's first
+/// page (with the pages staged by an earlier, interrupted call first). On any error the
+/// transaction is given up: the pages are staged, and the apply at the end reports the error.
+fn apply_beside<'c>(
+    conn: &'c Connection,
+    staging: &StagingFile,
+    schema: &'c Schema,
+    receive: &InProgress,
+    page: &ArrivedPage,
+    overlap: &Overlap,
+    open: &mut Option<Option<Open<'c>>>,
+) {
+    let t0 = Instant::now();
+    if open.is_none() && !overlap.enabled {
+        *open = Some(None);
+    }
+    if open.is_none() {
+        *open = Some(
+            begin(conn, staging, schema, receive).map_err(|e| tracing::debug!(error = %e, "no overlapped apply")).ok(),
+        );
+    }
+    let Some(Some(o)) = open.as_mut() else { return };
+    if let Err(e) = o.session.page(&page.body) {
+        tracing::debug!(error = %e, "the overlapped apply stops; the staged pages apply at the end");
+        *open = Some(None);
+        return;
+    }
+    o.worked += t0.elapsed();
+    if !keeps_lock(overlap, o) {
+        give_up(open, "a write waits for the lock");
+    }
+}
+
+/// Begins the transaction and applies the pages staged before the one just staged.
+fn begin<'c>(
+    conn: &'c Connection,
+    staging: &StagingFile,
+    schema: &'c Schema,
+    receive: &InProgress,
+) -> Result<Open<'c>> {
+    let waits = WRITER_WAITS.load(Ordering::Relaxed);
+    let staged = receive.staged();
+    let mut session = ApplySession::begin(conn, schema, staged.full)?;
+    let mut records = staging.records(receive.id())?;
+    let mut body = Vec::new();
+    for _ in 1..staged.pages {
+        if records.next_into(&mut body)?.is_none() {
+            return Err(Error::Corrupt("the staging file lost a page of the receive in progress".into()));
+        }
+        session.page(&body)?;
+    }
+    Ok(Open { session, waits, worked: Duration::ZERO, idle: Duration::ZERO })
+}
+
+fn keeps_lock(overlap: &Overlap, o: &Open<'_>) -> bool {
+    overlap.keeps_lock(o.idle, o.worked, WRITER_WAITS.load(Ordering::Relaxed) != o.waits)
+}
+
+fn give_up(open: &mut Option<Option<Open<'_>>>, why: &str) {
+    tracing::debug!(why, "the overlapped apply gives the write lock up; the staged pages apply at the end");
+    *open = Some(None); // dropping the session rolls it back
+}
