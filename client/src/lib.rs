@@ -378,21 +378,55 @@ impl Client {
         .await
     }
 
+    /// Stages `page` of `receive` on a blocking thread (file I/O only, no database).
+    async fn stage_in_background(
+        &self,
+        receive: &mut db::receive::InProgress,
+        page: Arc<engine::receive::ArrivedPage>,
+    ) -> Result<()> {
+        let (staging, mut moved) = (self.staging.clone(), receive.clone());
+        let done =
+            tokio::task::spawn_blocking(move || db::receive::stage_page(&staging, &mut moved, &page).map(|()| moved));
+        match done.await {
+            Ok(staged) => {
+                *receive = staged?;
+                Ok(())
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::InvalidState(format!("staging a page was stopped: {e}"))),
+        }
+    }
+
+    /// Stores the receive's next `page`: stages it on a blocking thread while the receive's
+    /// writer (started for `receive` if it is not yet) applies it.
+    async fn store_page(
+        &self,
+        writer: &mut Option<db::writer::ReceiveWriter>,
+        receive: &mut db::receive::InProgress,
+        schema: &Arc<Schema>,
+        page: engine::receive::ArrivedPage,
+    ) -> Result<()> {
+        let writer = self.receive_writer(writer, receive, schema)?;
+        let page = Arc::new(page);
+        let (staged, applied) = tokio::join!(self.stage_in_background(receive, page.clone()), writer.page(page));
+        staged?;
+        applied
+    }
+
     /// The receive's writer, started for `receive` if it is not yet.
     fn receive_writer<'w>(
         &self,
         writer: &'w mut Option<db::writer::ReceiveWriter>,
         receive: &db::receive::InProgress,
         schema: &Arc<Schema>,
-        overlap: engine::receive::Overlap,
     ) -> Result<&'w db::writer::ReceiveWriter> {
         if writer.is_none() {
             *writer = Some(db::writer::ReceiveWriter::start(
                 &self.path,
                 self.staging.clone(),
                 schema.clone(),
-                receive.clone(),
-                overlap,
+                receive,
+                self.config.overlap,
             )?);
         }
         writer.as_ref().ok_or_else(|| Error::InvalidState("no receive writer".into()))
@@ -638,25 +672,24 @@ impl Client {
             _ => 0,
         };
         let policy = RetryPolicy { max_attempts: self.config.max_attempts, ..RetryPolicy::default() };
-        let overlap = self.config.overlap;
         let mut machine = ReceiveMachine::new(policy, state.fetch_cursor(), state.complete, rows_total);
         let mut command = machine.start();
         let mut stream = None;
-        // Stages each page and applies it beside the download (started at the first page; dropping
-        // it rolls back what it applied).
+        // Applies each page beside the download while it is staged (started at the first page
+        // that is not the last: a receive of one page is applied on the app's connection, whose
+        // cache is warm; dropping it rolls back what it applied).
         let mut writer: Option<db::writer::ReceiveWriter> = None;
         use engine::receive::{Command as Rc, Input as Ri};
         loop {
             command = match command {
                 Rc::Fetch { cursor } => machine.step(self.fetch_input(&mut stream, &cursor).await),
                 Rc::StageAndFetch { page, next } => {
-                    // The page is staged (and applied) by the writer's thread, so the next page's
+                    // The page is staged and applied on threads of their own, so the next page's
                     // request goes out meanwhile and the server works on it while the device
                     // stores this one.
                     let staged_progress = machine.progress();
-                    let writer = self.receive_writer(&mut writer, &receive, &schema, overlap)?;
                     let stage = async {
-                        receive = writer.page(page).await?;
+                        self.store_page(&mut writer, &mut receive, &schema, page).await?;
                         // Progress is reported once the page is staged, not when the next arrives.
                         if let Some(cb) = progress {
                             cb(staged_progress);
@@ -668,7 +701,10 @@ impl Client {
                     machine.step(Ri::StagedBeside(Box::new(fetched)))
                 }
                 Rc::Stage(page) => {
-                    receive = self.receive_writer(&mut writer, &receive, &schema, overlap)?.page(page).await?;
+                    match writer {
+                        Some(_) => self.store_page(&mut writer, &mut receive, &schema, page).await?,
+                        None => self.stage_in_background(&mut receive, Arc::new(page)).await?,
+                    }
                     if let Some(cb) = progress {
                         cb(machine.progress());
                     }
@@ -688,7 +724,10 @@ impl Client {
                 }
                 Rc::ApplyStaged => {
                     let committed = match writer.take() {
-                        Some(writer) => writer.finish().await?,
+                        Some(writer) => {
+                            let staged = receive.staged();
+                            writer.finish(staged.next.clone().filter(|_| staged.complete)).await?
+                        }
                         None => None,
                     };
                     let stats = {

@@ -377,6 +377,7 @@ async fn a_cut_receive_resumes_after_the_last_complete_page() {
     assert_eq!(feed.seen(), ["c2"]);
     assert_eq!((report.pages, report.pages_applied, report.rows_upserted), (1, 3, 5));
     assert!(report.full);
+    assert!(!report.overlapped, "one page left: applied with the staged ones at the end: {report:?}");
 
     // Same end state as an uninterrupted receive.
     let other_dir = tempfile::tempdir().unwrap();
@@ -385,6 +386,27 @@ async fn a_cut_receive_resumes_after_the_last_complete_page() {
     assert_eq!(dump(&c), dump(&other));
     assert_eq!(c.cursor().unwrap(), other.cursor().unwrap());
     assert!(!dump(&c).is_empty());
+}
+
+#[tokio::test]
+async fn a_resumed_receive_applies_the_pages_staged_before_beside_the_rest() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    feed.drop.lock().unwrap().insert("c1".into(), 1);
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = client_for(&dir, &url, 1);
+    c.receive().await.unwrap_err();
+    assert_eq!(feed.seen(), ["", "c1"]);
+    assert_eq!(c.receive_state().unwrap().staged_pages, 1);
+    drop(c);
+
+    let c = client_for(&dir, &url, 1);
+    let report = c.receive().await.unwrap();
+    assert_eq!(feed.seen(), ["c1", "c2"]);
+    assert!(report.overlapped, "the writer applied the staged page, then the two new ones: {report:?}");
+    assert_eq!((report.pages, report.pages_applied, report.rows_upserted), (2, 3, 5));
+    assert_eq!(dump(&c), uninterrupted(&url).await);
 }
 
 /// The staging file beside the database of `dir`.

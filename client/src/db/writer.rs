@@ -1,7 +1,8 @@
-//! The receive's writer: a connection and a thread of its own that stage each arriving page and
-//! apply it at once, in one transaction held open across the pages while the download keeps
-//! pace, so the device applies a receive beside the server's work instead of after it (R11 still
-//! holds: nothing is visible before the commit after the last page).
+//! The receive's writer: a connection and a thread of its own that apply each arriving page at
+//! once (while the driver stages it, beside), in one transaction held open across the pages
+//! while the download keeps pace, so the device applies a receive beside the server's work
+//! instead of after it (R11 still holds: nothing is visible before the commit after the last
+//! page).
 //!
 //! The transaction holds the database's write lock, so it gives it up (rolls back, and the
 //! receive goes on staging only, its pages applied together at the end as before) when
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 use ferry_protocol::Schema;
 use rusqlite::Connection;
 
-use crate::db::receive::{ApplySession, InProgress, stage_page};
+use ferry_protocol::Cursor;
+
+use crate::db::receive::{ApplySession, InProgress};
 use crate::db::staging::StagingFile;
 use crate::engine::receive::{ApplyStats, ArrivedPage, Overlap};
 use crate::error::{Error, Result};
@@ -49,11 +52,12 @@ pub fn wait_for_writer(attempt: i32) -> bool {
 const POLL: Duration = Duration::from_millis(5);
 
 enum Job {
-    /// Stage the page, apply it if the transaction is open, reply with the receive's progress.
-    Page(ArrivedPage, tokio::sync::oneshot::Sender<Result<InProgress>>),
-    /// Commit the transaction (the last page is staged and applied), reply with what it did;
-    /// `None`: no transaction is open (it was given up or never began), apply the staged pages.
-    Finish(tokio::sync::oneshot::Sender<Option<ApplyStats>>),
+    /// Apply the page if the transaction is open (or begins), reply when done.
+    Page(Arc<ArrivedPage>, tokio::sync::oneshot::Sender<()>),
+    /// Commit the transaction with the cursor after the last page (`None`: the receive is not
+    /// complete, do not commit), reply with what it did; `None`: no transaction is open (it was
+    /// given up or never began), the staged pages are to be applied.
+    Finish(Option<Cursor>, tokio::sync::oneshot::Sender<Option<ApplyStats>>),
 }
 
 /// The writer of one receive (see the module). Dropping it rolls back whatever it applied.
@@ -63,36 +67,47 @@ pub struct ReceiveWriter {
 }
 
 impl ReceiveWriter {
-    /// Opens the writer's connection on the database at `path` and starts its thread for
-    /// `receive`, whose pages go to `staging`.
+    /// Starts the writer's thread, which opens its connection on the database at `path`, for
+    /// `receive` as it is before this call's first page: the pages it has staged already are
+    /// read back from `staging` when the transaction begins, and every later page is given to
+    /// [`ReceiveWriter::page`] (and staged by the caller) in order.
     pub fn start(
         path: &Path,
         staging: StagingFile,
         schema: Arc<Schema>,
-        receive: InProgress,
+        receive: &InProgress,
         overlap: Overlap,
     ) -> Result<Self> {
-        let conn = crate::db::open_writer(path)?;
+        let (receive, path) = (receive.clone(), path.to_path_buf());
         let (jobs, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("ferry-receive".into())
-            .spawn(move || run(&conn, &staging, &schema, receive, overlap, &rx))
+            .spawn(move || match crate::db::open_writer(&path) {
+                Ok(conn) => run(&conn, &staging, &schema, receive, overlap, &rx),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no overlapped apply: the writer's connection did not open");
+                    decline(&rx);
+                }
+            })
             .map_err(|e| Error::InvalidState(format!("no thread for the receive's writer: {e}")))?;
         Ok(ReceiveWriter { jobs: Some(jobs), thread: Some(thread) })
     }
 
-    /// Stages `page` (and applies it, if the transaction is open); returns the receive's progress.
-    pub async fn page(&self, page: ArrivedPage) -> Result<InProgress> {
+    /// Applies `page` (the receive's next), if the transaction is open or can begin; returns
+    /// once that is done or given up.
+    pub async fn page(&self, page: Arc<ArrivedPage>) -> Result<()> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.send(Job::Page(page, reply))?;
-        answer.await.map_err(|_| Self::gone())?
+        answer.await.map_err(|_| Self::gone())
     }
 
-    /// Commits the receive if its transaction applied every page; `None` if it did not (the
-    /// staged pages are to be applied now, see [`crate::db::receive::apply_staged`]).
-    pub async fn finish(mut self) -> Result<Option<ApplyStats>> {
+    /// Commits the receive if its transaction applied every page, setting the cursor to `next`
+    /// (the last page's; `None` when the receive is not complete, which only rolls back);
+    /// `None` if it did not (the staged pages are to be applied now, see
+    /// [`crate::db::receive::apply_staged`]).
+    pub async fn finish(mut self, next: Option<Cursor>) -> Result<Option<ApplyStats>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.send(Job::Finish(reply))?;
+        self.send(Job::Finish(next, reply))?;
         let stats = answer.await.map_err(|_| Self::gone())?;
         self.stop();
         Ok(stats)
@@ -140,7 +155,7 @@ fn run(
     conn: &Connection,
     staging: &StagingFile,
     schema: &Schema,
-    mut receive: InProgress,
+    receive: InProgress,
     overlap: Overlap,
     jobs: &mpsc::Receiver<Job>,
 ) {
@@ -166,22 +181,17 @@ fn run(
         }
         match job {
             Job::Page(page, reply) => {
-                let staged = stage_page(staging, &mut receive, &page);
-                if staged.is_ok() {
-                    apply_beside(conn, staging, schema, &receive, &page, &overlap, &mut open);
-                }
-                let _ = reply.send(staged.map(|()| receive.clone()));
+                apply_beside(conn, staging, schema, &receive, &page, &overlap, &mut open);
+                let _ = reply.send(());
             }
-            Job::Finish(reply) => {
-                let stats = match open.take().flatten() {
-                    Some(o) if receive.staged().complete => {
-                        let next = receive.staged().next.clone().unwrap_or_default();
-                        o.session
-                            .commit(&next)
-                            .map(|stats| ApplyStats { overlapped: true, ..stats })
-                            .map_err(|e| tracing::debug!(error = %e, "the overlapped apply did not commit"))
-                            .ok()
-                    }
+            Job::Finish(next, reply) => {
+                let stats = match (open.take().flatten(), next) {
+                    (Some(o), Some(next)) => o
+                        .session
+                        .commit(&next)
+                        .map(|stats| ApplyStats { overlapped: true, ..stats })
+                        .map_err(|e| tracing::debug!(error = %e, "the overlapped apply did not commit"))
+                        .ok(),
                     _ => None,
                 };
                 let _ = reply.send(stats);
@@ -191,9 +201,24 @@ fn run(
     }
 }
 
-/// Applies the page just staged in the open transaction, beginning it at the receive's first
-/// page (with the pages staged by an earlier, interrupted call first). On any error the
-/// transaction is given up: the pages are staged, and the apply at the end reports the error.
+/// Answers every job without applying anything (the pages are applied at the end).
+fn decline(jobs: &mpsc::Receiver<Job>) {
+    for job in jobs {
+        match job {
+            Job::Page(_, reply) => {
+                let _ = reply.send(());
+            }
+            Job::Finish(_, reply) => {
+                let _ = reply.send(None);
+                return;
+            }
+        }
+    }
+}
+
+/// Applies the page in the open transaction, beginning it at this call's first page (with the
+/// pages staged by an earlier, interrupted call first). On any error the transaction is given
+/// up: the pages are staged, and the apply at the end reports the error.
 fn apply_beside<'c>(
     conn: &'c Connection,
     staging: &StagingFile,
@@ -209,7 +234,9 @@ fn apply_beside<'c>(
     }
     if open.is_none() {
         *open = Some(
-            begin(conn, staging, schema, receive).map_err(|e| tracing::debug!(error = %e, "no overlapped apply")).ok(),
+            begin(conn, staging, schema, receive, page.full)
+                .map_err(|e| tracing::debug!(error = %e, "no overlapped apply"))
+                .ok(),
         );
     }
     let Some(Some(o)) = open.as_mut() else { return };
@@ -224,23 +251,29 @@ fn apply_beside<'c>(
     }
 }
 
-/// Begins the transaction and applies the pages staged before the one just staged.
+/// Begins the transaction and applies the pages `receive` had staged before this call (`full`:
+/// whether the page about to be applied is a full receive's).
 fn begin<'c>(
     conn: &'c Connection,
     staging: &StagingFile,
     schema: &'c Schema,
     receive: &InProgress,
+    full: bool,
 ) -> Result<Open<'c>> {
     let waits = WRITER_WAITS.load(Ordering::Relaxed);
     let staged = receive.staged();
-    let mut session = ApplySession::begin(conn, schema, staged.full)?;
-    let mut records = staging.records(receive.id())?;
-    let mut body = Vec::new();
-    for _ in 1..staged.pages {
-        if records.next_into(&mut body)?.is_none() {
-            return Err(Error::Corrupt("the staging file lost a page of the receive in progress".into()));
+    let mut session = ApplySession::begin(conn, schema, staged.full || full)?;
+    if staged.pages > 0 {
+        // The file's header and these records stay as they are while the caller appends this
+        // call's pages after them.
+        let mut records = staging.records(receive.id())?;
+        let mut body = Vec::new();
+        for _ in 0..staged.pages {
+            if records.next_into(&mut body)?.is_none() {
+                return Err(Error::Corrupt("the staging file lost a page of the receive in progress".into()));
+            }
+            session.page(&body)?;
         }
-        session.page(&body)?;
     }
     Ok(Open { session, waits, worked: Duration::ZERO, idle: Duration::ZERO })
 }
