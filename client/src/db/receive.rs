@@ -187,7 +187,7 @@ pub fn apply_staged(conn: &Connection, staging: &StagingFile, schema: &Schema) -
         if !staged.complete {
             return Err(Error::Corrupt("apply asked before the last page was staged".into()));
         }
-        let mut session = ApplySession::begin(conn, schema, staged.full)?;
+        let mut session = ApplySession::begin(conn, schema, staged.full, APPLY_CACHE_KIB)?;
         let mut records = staging.records(&id)?;
         let mut body = Vec::new();
         while let Some(mark) = records.next_into(&mut body)? {
@@ -223,8 +223,15 @@ fn set_triggers(conn: &Connection, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// The page cache an apply may use, as SQLite's `cache_size` takes it (negative: KiB).
+/// The page cache an apply of the staged pages may use, as SQLite's `cache_size` takes it
+/// (negative: KiB).
 const APPLY_CACHE_KIB: i64 = -16 * 1024;
+
+/// The page cache of an apply beside the download (see [`crate::db::writer`]): it spills its
+/// dirty pages into the WAL while it waits for pages anyway, and what a cache frees stays in the
+/// malloc arena of the thread that ran it (with 16 MiB, three receives of 1M rows in one process
+/// peaked at 40, 56 and 72 MiB; with 4 MiB at 25–28, as fast).
+pub const OVERLAPPED_APPLY_CACHE_KIB: i64 = -4 * 1024;
 
 /// One receive being applied: a write transaction on `conn`, capture off and foreign keys
 /// checked at commit, into which pages are applied one at a time, as they are read back from
@@ -246,14 +253,14 @@ pub struct ApplySession<'c> {
 }
 
 impl<'c> ApplySession<'c> {
-    /// Begins the transaction (taking the database's write lock at once) and, for a full
-    /// receive, clears the received tables.
-    pub fn begin(conn: &'c Connection, schema: &'c Schema, full: bool) -> Result<Self> {
+    /// Begins the transaction (taking the database's write lock at once) with a page cache of
+    /// `cache_kib` (as `cache_size` takes it) and, for a full receive, clears the received tables.
+    pub fn begin(conn: &'c Connection, schema: &'c Schema, full: bool, cache_kib: i64) -> Result<Self> {
         // A large receive touches more pages than SQLite's default cache (2 MiB) holds: SQLite then
         // spills dirty pages into the WAL mid-transaction and reads them back. A bigger cache for the
         // apply alone (given back afterwards) keeps them in memory.
         let cache: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
-        conn.pragma_update(None, "cache_size", APPLY_CACHE_KIB)?;
+        conn.pragma_update(None, "cache_size", cache_kib)?;
         // With capture off, Ferry's triggers do nothing, yet SQLite still runs a trigger program for
         // each written row to find that out (about a sixth of the device's receive time). When they
         // are the only triggers there, the apply switches triggers off for this connection; the

@@ -1,5 +1,5 @@
-//! The receive's writer: a connection and a thread of its own that apply each arriving page at
-//! once (while the driver stages it, beside), in one transaction held open across the pages
+//! The receive's writer: a connection of its own, on one of the runtime's blocking threads,
+//! that applies each arriving page at once (while the driver stages it, beside), in one transaction held open across the pages
 //! while the download keeps pace, so the device applies a receive beside the server's work
 //! instead of after it (R11 still holds: nothing is visible before the commit after the last
 //! page).
@@ -22,7 +22,7 @@ use rusqlite::Connection;
 
 use ferry_protocol::Cursor;
 
-use crate::db::receive::{ApplySession, InProgress};
+use crate::db::receive::{ApplySession, InProgress, OVERLAPPED_APPLY_CACHE_KIB};
 use crate::db::staging::StagingFile;
 use crate::engine::receive::{ApplyStats, ArrivedPage, Overlap};
 use crate::error::{Error, Result};
@@ -63,11 +63,16 @@ enum Job {
 /// The writer of one receive (see the module). Dropping it rolls back whatever it applied.
 pub struct ReceiveWriter {
     jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnected once the writer's work has ended (rolled back or committed), even by a panic.
+    ended: Option<std::sync::Mutex<mpsc::Receiver<()>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ReceiveWriter {
-    /// Starts the writer's thread, which opens its connection on the database at `path`, for
+    /// Starts the writer on a blocking thread of the current Tokio runtime (its threads are
+    /// reused, and so is the memory an apply frees: a thread of its own per receive left each
+    /// receive's page cache behind in a malloc arena of its own), which opens its connection on
+    /// the database at `path`, for
     /// `receive` as it is before this call's first page: the pages it has staged already are
     /// read back from `staging` when the transaction begins, and every later page is given to
     /// [`ReceiveWriter::page`] (and staged by the caller) in order.
@@ -77,20 +82,21 @@ impl ReceiveWriter {
         schema: Arc<Schema>,
         receive: &InProgress,
         overlap: Overlap,
-    ) -> Result<Self> {
+    ) -> Self {
         let (receive, path) = (receive.clone(), path.to_path_buf());
         let (jobs, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("ferry-receive".into())
-            .spawn(move || match crate::db::open_writer(&path) {
+        let (ending, ended) = mpsc::channel::<()>();
+        let task = tokio::task::spawn_blocking(move || {
+            let _ending = ending;
+            match crate::db::open_writer(&path) {
                 Ok(conn) => run(&conn, &staging, &schema, receive, overlap, &rx),
                 Err(e) => {
                     tracing::debug!(error = %e, "no overlapped apply: the writer's connection did not open");
                     decline(&rx);
                 }
-            })
-            .map_err(|e| Error::InvalidState(format!("no thread for the receive's writer: {e}")))?;
-        Ok(ReceiveWriter { jobs: Some(jobs), thread: Some(thread) })
+            }
+        });
+        ReceiveWriter { jobs: Some(jobs), ended: Some(std::sync::Mutex::new(ended)), task: Some(task) }
     }
 
     /// Applies `page` (the receive's next), if the transaction is open or can begin; returns
@@ -109,7 +115,13 @@ impl ReceiveWriter {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.send(Job::Finish(next, reply))?;
         let stats = answer.await.map_err(|_| Self::gone())?;
-        self.stop();
+        self.jobs = None;
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
         Ok(stats)
     }
 
@@ -120,22 +132,14 @@ impl ReceiveWriter {
     fn gone() -> Error {
         Error::InvalidState("the receive's writer stopped".into())
     }
-
-    fn stop(&mut self) {
-        self.jobs = None; // the thread rolls back what is open and ends
-        if let Some(thread) = self.thread.take()
-            && let Err(panic) = thread.join()
-        {
-            std::panic::resume_unwind(panic);
-        }
-    }
 }
 
 impl Drop for ReceiveWriter {
     fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.jobs = None; // the writer rolls back what is open and ends
+        if let Some(ended) = self.ended.take() {
+            // Waits at most for the page being applied: the next write finds the lock free.
+            let _ = ended.lock().map(|ended| ended.recv());
         }
     }
 }
@@ -262,7 +266,7 @@ fn begin<'c>(
 ) -> Result<Open<'c>> {
     let waits = WRITER_WAITS.load(Ordering::Relaxed);
     let staged = receive.staged();
-    let mut session = ApplySession::begin(conn, schema, staged.full || full)?;
+    let mut session = ApplySession::begin(conn, schema, staged.full || full, OVERLAPPED_APPLY_CACHE_KIB)?;
     if staged.pages > 0 {
         // The file's header and these records stay as they are while the caller appends this
         // call's pages after them.
