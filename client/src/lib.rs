@@ -155,6 +155,8 @@ pub struct SyncReport {
 /// `Arc`) across threads and tasks; database access is serialized by an internal mutex.
 pub struct Client {
     conn: Arc<Mutex<Connection>>,
+    /// The lock waits of writes on `conn`, which make a receive's writer give the lock up.
+    lock_waits: db::writer::LockWaits,
     path: PathBuf,
     config: ClientConfig,
     transport: Transport,
@@ -167,6 +169,26 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client").field("path", &self.path).field("server_url", &self.config.server_url).finish()
+    }
+}
+
+/// The app's connection, locked; while it is held, the lock waits of its statements on this
+/// thread count for this database's receives (see [`db::writer::LockWaits`]).
+struct Locked<'a> {
+    conn: MutexGuard<'a, Connection>,
+    _counting: db::writer::CountingScope,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 }
 
@@ -222,6 +244,7 @@ impl Client {
         let staging = db::staging::StagingFile::for_database(&path);
         Ok(Client {
             conn: Arc::new(Mutex::new(conn)),
+            lock_waits: db::writer::LockWaits::default(),
             path,
             config,
             transport,
@@ -232,9 +255,10 @@ impl Client {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
+    fn lock(&self) -> Locked<'_> {
+        let counting = self.lock_waits.counting();
         // A panic while holding the lock leaves SQLite consistent (transactions roll back on drop).
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        Locked { conn: self.conn.lock().unwrap_or_else(|e| e.into_inner()), _counting: counting }
     }
 
     /// This device's id (uuid v7, generated when the database was created).
@@ -427,6 +451,7 @@ impl Client {
                 schema.clone(),
                 receive,
                 self.config.overlap,
+                self.lock_waits.clone(),
             )
         })
     }
@@ -436,8 +461,9 @@ impl Client {
         &self,
         work: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let conn = self.conn.clone();
+        let (conn, waits) = (self.conn.clone(), self.lock_waits.clone());
         let done = tokio::task::spawn_blocking(move || {
+            let _counting = waits.counting();
             let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
             work(&mut conn)
         });

@@ -815,6 +815,48 @@ async fn pages_that_come_slower_than_they_apply_are_applied_after_the_last_one()
     assert_eq!(dump(&c), uninterrupted(&url).await);
 }
 
+// Two threads: the apply at the end waits for the lock on one while the test releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_that_finds_the_write_lock_taken_downloads_on_and_applies_at_the_end() {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    feed.gate.lock().unwrap().insert(String::new(), gate.clone());
+    let url = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Arc::new(client_for(&dir, &url, 1));
+    let receiving = tokio::spawn({
+        let c = c.clone();
+        async move { c.receive().await }
+    });
+    // The receive has begun (it asked for its first page); another connection, say a second
+    // process's, now holds the write lock.
+    for _ in 0..1000 {
+        if !feed.seen.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let other = rusqlite::Connection::open(dir.path().join("device.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    feed.gate.lock().unwrap().clear();
+    gate.notify_one();
+    // The writer does not wait for the lock (more than briefly): the download goes on to the
+    // last page while the lock is still held.
+    for _ in 0..600 {
+        if feed.seen.lock().unwrap().iter().any(|s| s == "c2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(feed.seen.lock().unwrap().iter().any(|s| s == "c2"), "the download reached the last page");
+    other.execute_batch("COMMIT").unwrap();
+    let report = receiving.await.unwrap().unwrap();
+    assert!(!report.overlapped, "{report:?}");
+    assert_eq!((report.pages_applied, report.rows_upserted), (3, 5));
+    assert_eq!(dump(&c), uninterrupted(&url).await);
+}
+
 #[tokio::test]
 async fn a_local_write_during_an_overlapped_receive_gets_the_lock_and_its_row_is_kept() {
     let feed = Arc::new(Feed::default());

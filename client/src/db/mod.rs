@@ -116,13 +116,18 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// How long a receive's writer waits for the write lock before it leaves the pages to be
+/// applied at the end: a transaction of the app that holds the lock longer must not hold up
+/// the download too.
+pub const WRITER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Opens a second connection on the device database at `path` (opened before by [`open`]), for
-/// a receive's writer: foreign keys on, waiting for the lock up to 5 s without counting as a
-/// waiting write (see [`writer::wait_for_writer`]).
+/// a receive's writer: foreign keys on, waiting for the lock up to [`WRITER_LOCK_WAIT`] without
+/// counting as a waiting write (see [`writer::wait_for_writer`]).
 pub fn open_writer(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "foreign_keys", true)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(WRITER_LOCK_WAIT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     stable_plans(&conn)?;
     Ok(conn)

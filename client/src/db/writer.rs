@@ -1,17 +1,18 @@
 //! The receive's writer: a connection of its own, on one of the runtime's blocking threads,
-//! that applies each arriving page at once (while the driver stages it, beside), in one transaction held open across the pages
-//! while the download keeps pace, so the device applies a receive beside the server's work
-//! instead of after it (R11 still holds: nothing is visible before the commit after the last
-//! page).
+//! that applies each arriving page at once (while the driver stages it, beside), in one
+//! transaction held open across the pages while the download keeps pace, so the device applies
+//! a receive beside the server's work instead of after it (R11 still holds: nothing is visible
+//! before the commit after the last page).
 //!
 //! The transaction holds the database's write lock, so it gives it up (rolls back, and the
 //! receive goes on staging only, its pages applied together at the end as before) when
-//! [`engine::receive::Overlap`](crate::engine::receive::Overlap) says so: when a write of this
-//! process waits for the lock (the busy handler of every connection [`crate::db::open`] makes
-//! counts those waits, [`wait_for_writer`]) or when the pages come slower than they apply.
+//! [`engine::receive::Overlap`](crate::engine::receive::Overlap) says so: when a write on the
+//! app's connection waits for the lock (its busy handler, [`wait_for_writer`], counts the wait
+//! in the database's [`LockWaits`]) or when the pages come slower than they apply.
 //! Reads never wait: in WAL mode the app's connection keeps reading the state before the receive
 //! until the commit.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -27,17 +28,54 @@ use crate::db::staging::StagingFile;
 use crate::engine::receive::{ApplyStats, ArrivedPage, Overlap};
 use crate::error::{Error, Result};
 
-/// Waits for the write lock seen so far by any connection of this process (see
-/// [`wait_for_writer`]).
-static WRITER_WAITS: AtomicU64 = AtomicU64::new(0);
+/// How often writes on the app's connection to one database have waited for its write lock:
+/// the receive's writer of that database gives the lock up when the count moves. Shared by the
+/// client and its receives' writers; counted through [`LockWaits::counting`].
+#[derive(Debug, Clone, Default)]
+pub struct LockWaits(Arc<AtomicU64>);
+
+thread_local! {
+    /// The count the busy handler adds to: that of the database whose connection this thread uses.
+    static COUNTING: RefCell<Option<LockWaits>> = const { RefCell::new(None) };
+}
+
+impl LockWaits {
+    /// The waits counted so far.
+    pub fn seen(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts the lock waits of statements this thread runs into `self` until the returned
+    /// scope is dropped (hold it while using the database's connection).
+    pub fn counting(&self) -> CountingScope {
+        CountingScope { outer: COUNTING.with(|c| c.replace(Some(self.clone()))) }
+    }
+}
+
+/// See [`LockWaits::counting`]; restores what the thread counted into before.
+pub struct CountingScope {
+    outer: Option<LockWaits>,
+}
+
+impl Drop for CountingScope {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        COUNTING.with(|c| *c.borrow_mut() = outer);
+    }
+}
 
 /// How long a connection waits for the write lock before it reports `database is locked`.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// The busy handler of the device's connections: counts the wait (an applying receive gives the
-/// lock up when it sees one), then sleeps a little and tries again, for up to [`LOCK_WAIT`].
+/// The busy handler of the app's connection: counts the wait in the [`LockWaits`] this thread
+/// counts into (an applying receive of that database gives the lock up when it sees one), then
+/// sleeps a little and tries again, for up to [`LOCK_WAIT`].
 pub fn wait_for_writer(attempt: i32) -> bool {
-    WRITER_WAITS.fetch_add(1, Ordering::Relaxed);
+    COUNTING.with(|c| {
+        if let Some(waits) = c.borrow().as_ref() {
+            waits.0.fetch_add(1, Ordering::Relaxed);
+        }
+    });
     // 1 ms for the first 10 attempts, 5 ms after: about LOCK_WAIT in all.
     let attempt = attempt.max(0) as u64;
     let slept_ms = if attempt < 10 { attempt } else { 10 + (attempt - 10) * 5 };
@@ -82,6 +120,7 @@ impl ReceiveWriter {
         schema: Arc<Schema>,
         receive: &InProgress,
         overlap: Overlap,
+        waits: LockWaits,
     ) -> Self {
         let (receive, path) = (receive.clone(), path.to_path_buf());
         let (jobs, rx) = mpsc::channel();
@@ -89,7 +128,7 @@ impl ReceiveWriter {
         let task = tokio::task::spawn_blocking(move || {
             let _ending = ending;
             match crate::db::open_writer(&path) {
-                Ok(conn) => run(&conn, &staging, &schema, receive, overlap, &rx),
+                Ok(conn) => run(&conn, &Context { staging: &staging, schema: &schema, overlap, waits }, receive, &rx),
                 Err(e) => {
                     tracing::debug!(error = %e, "no overlapped apply: the writer's connection did not open");
                     decline(&rx);
@@ -144,10 +183,18 @@ impl Drop for ReceiveWriter {
     }
 }
 
+/// What the writer works with besides its connection.
+struct Context<'a> {
+    staging: &'a StagingFile,
+    schema: &'a Schema,
+    overlap: Overlap,
+    waits: LockWaits,
+}
+
 /// The writer's open transaction and what the overlap policy weighs.
 struct Open<'c> {
     session: ApplySession<'c>,
-    /// [`WRITER_WAITS`] when the transaction began.
+    /// The database's [`LockWaits`] when the transaction began.
     waits: u64,
     /// Time spent applying pages since it began.
     worked: Duration,
@@ -155,14 +202,7 @@ struct Open<'c> {
     idle: Duration,
 }
 
-fn run(
-    conn: &Connection,
-    staging: &StagingFile,
-    schema: &Schema,
-    receive: InProgress,
-    overlap: Overlap,
-    jobs: &mpsc::Receiver<Job>,
-) {
+fn run<'c>(conn: &'c Connection, cx: &Context<'c>, receive: InProgress, jobs: &mpsc::Receiver<Job>) {
     // None: not begun yet; Some(None): given up (or failed to begin) for the rest of the receive.
     let mut open: Option<Option<Open<'_>>> = None;
     loop {
@@ -172,7 +212,7 @@ fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(Some(o)) = open.as_mut() {
                     o.idle += waited.elapsed();
-                    if !keeps_lock(&overlap, o) {
+                    if !keeps_lock(cx, o) {
                         give_up(&mut open, "the pages come slower than they apply, or a write waits");
                     }
                 }
@@ -185,7 +225,7 @@ fn run(
         }
         match job {
             Job::Page(page, reply) => {
-                apply_beside(conn, staging, schema, &receive, &page, &overlap, &mut open);
+                apply_beside(conn, cx, &receive, &page, &mut open);
                 let _ = reply.send(());
             }
             Job::Finish(next, reply) => {
@@ -225,22 +265,18 @@ fn decline(jobs: &mpsc::Receiver<Job>) {
 /// up: the pages are staged, and the apply at the end reports the error.
 fn apply_beside<'c>(
     conn: &'c Connection,
-    staging: &StagingFile,
-    schema: &'c Schema,
+    cx: &Context<'c>,
     receive: &InProgress,
     page: &ArrivedPage,
-    overlap: &Overlap,
     open: &mut Option<Option<Open<'c>>>,
 ) {
     let t0 = Instant::now();
-    if open.is_none() && !overlap.enabled {
+    if open.is_none() && !cx.overlap.enabled {
         *open = Some(None);
     }
     if open.is_none() {
         *open = Some(
-            begin(conn, staging, schema, receive, page.full)
-                .map_err(|e| tracing::debug!(error = %e, "no overlapped apply"))
-                .ok(),
+            begin(conn, cx, receive, page.full).map_err(|e| tracing::debug!(error = %e, "no overlapped apply")).ok(),
         );
     }
     let Some(Some(o)) = open.as_mut() else { return };
@@ -250,27 +286,21 @@ fn apply_beside<'c>(
         return;
     }
     o.worked += t0.elapsed();
-    if !keeps_lock(overlap, o) {
+    if !keeps_lock(cx, o) {
         give_up(open, "a write waits for the lock");
     }
 }
 
 /// Begins the transaction and applies the pages `receive` had staged before this call (`full`:
 /// whether the page about to be applied is a full receive's).
-fn begin<'c>(
-    conn: &'c Connection,
-    staging: &StagingFile,
-    schema: &'c Schema,
-    receive: &InProgress,
-    full: bool,
-) -> Result<Open<'c>> {
-    let waits = WRITER_WAITS.load(Ordering::Relaxed);
+fn begin<'c>(conn: &'c Connection, cx: &Context<'c>, receive: &InProgress, full: bool) -> Result<Open<'c>> {
+    let waits = cx.waits.seen();
     let staged = receive.staged();
-    let mut session = ApplySession::begin(conn, schema, staged.full || full, OVERLAPPED_APPLY_CACHE_KIB)?;
+    let mut session = ApplySession::begin(conn, cx.schema, staged.full || full, OVERLAPPED_APPLY_CACHE_KIB)?;
     if staged.pages > 0 {
         // The file's header and these records stay as they are while the caller appends this
         // call's pages after them.
-        let mut records = staging.records(receive.id())?;
+        let mut records = cx.staging.records(receive.id())?;
         let mut body = Vec::new();
         for _ in 0..staged.pages {
             if records.next_into(&mut body)?.is_none() {
@@ -282,11 +312,43 @@ fn begin<'c>(
     Ok(Open { session, waits, worked: Duration::ZERO, idle: Duration::ZERO })
 }
 
-fn keeps_lock(overlap: &Overlap, o: &Open<'_>) -> bool {
-    overlap.keeps_lock(o.idle, o.worked, WRITER_WAITS.load(Ordering::Relaxed) != o.waits)
+fn keeps_lock(cx: &Context<'_>, o: &Open<'_>) -> bool {
+    cx.overlap.keeps_lock(o.idle, o.worked, cx.waits.seen() != o.waits)
 }
 
 fn give_up(open: &mut Option<Option<Open<'_>>>, why: &str) {
     tracing::debug!(why, "the overlapped apply gives the write lock up; the staged pages apply at the end");
     *open = Some(None); // dropping the session rolls it back
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_counts_for_the_database_whose_connection_the_thread_uses() {
+        let (a, b) = (LockWaits::default(), LockWaits::default());
+        assert!(wait_for_writer(0), "the first attempt waits and tries again");
+        assert_eq!((a.seen(), b.seen()), (0, 0), "outside a scope a wait counts for no database");
+        {
+            let _a = a.counting();
+            wait_for_writer(0);
+            {
+                let _b = b.counting();
+                wait_for_writer(1);
+            }
+            wait_for_writer(2);
+        }
+        wait_for_writer(0);
+        assert_eq!((a.seen(), b.seen()), (2, 1));
+        let other_thread = a.clone();
+        std::thread::spawn(move || {
+            let _scope = other_thread.counting();
+            wait_for_writer(0);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(a.seen(), 3, "the count is the database's, whichever thread waited");
+        assert!(!wait_for_writer(10_000), "about 5 s of attempts: the wait ends");
+    }
 }
