@@ -755,13 +755,14 @@ impl Client {
                         }
                         None => None,
                     };
-                    let stats = {
-                        let conn = self.lock();
-                        match committed {
-                            Some(stats) => db::receive::finish_apply(&conn, &self.staging, Ok(stats))?,
-                            None => db::receive::apply_staged(&conn, &self.staging, &schema)?,
-                        }
-                    };
+                    // On a blocking thread: the apply may take long, and wait for the lock.
+                    let (staging, schema) = (self.staging.clone(), schema.clone());
+                    let stats = self
+                        .in_background(move |conn| match committed {
+                            Some(stats) => db::receive::finish_apply(conn, &staging, Ok(stats)),
+                            None => db::receive::apply_staged(conn, &staging, &schema),
+                        })
+                        .await?;
                     machine.step(Ri::Applied(stats))
                 }
                 Rc::Finished(report) => {

@@ -815,8 +815,9 @@ async fn pages_that_come_slower_than_they_apply_are_applied_after_the_last_one()
     assert_eq!(dump(&c), uninterrupted(&url).await);
 }
 
-// Two threads: the apply at the end waits for the lock on one while the test releases it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One runtime thread: the apply at the end waits for the lock on a blocking thread, so the test
+// can release it meanwhile.
+#[tokio::test]
 async fn a_receive_that_finds_the_write_lock_taken_downloads_on_and_applies_at_the_end() {
     let feed = Arc::new(Feed::default());
     full_snapshot(&feed);
