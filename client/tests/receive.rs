@@ -15,7 +15,7 @@ use ferry_client::ferry_protocol::{
     BatchResult, BlobRef, ChangePage, Cursor, Encoding, ErrorBody, ErrorCode, Estimate, EventOutcome, Key, Outcome,
     Removal, TableRows, Value,
 };
-use ferry_client::{Client, Error, ReceiveProgress, SyncPolicy};
+use ferry_client::{Client, Error, ReceiveProgress, ReceiveReport, SyncPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -815,42 +815,51 @@ async fn pages_that_come_slower_than_they_apply_are_applied_after_the_last_one()
     assert_eq!(dump(&c), uninterrupted(&url).await);
 }
 
+/// A served `full_snapshot` feed whose answer at `cursor` waits for the returned gate.
+async fn gated_snapshot(cursor: &str) -> (Arc<Feed>, Arc<tokio::sync::Notify>, String) {
+    let feed = Arc::new(Feed::default());
+    full_snapshot(&feed);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    feed.gate.lock().unwrap().insert(cursor.into(), gate.clone());
+    let url = serve(feed.clone()).await;
+    (feed, gate, url)
+}
+
+/// `c.receive()`, running as a task.
+fn receiving(c: &Arc<Client>) -> tokio::task::JoinHandle<Result<ReceiveReport, Error>> {
+    let c = c.clone();
+    tokio::spawn(async move { c.receive().await })
+}
+
+/// Whether the device asks `feed` for the page at `cursor` within 3 s.
+async fn asked_for(feed: &Feed, cursor: &str) -> bool {
+    for _ in 0..600 {
+        if feed.seen.lock().unwrap().iter().any(|s| s == cursor) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
 // One runtime thread: the apply at the end waits for the lock on a blocking thread, so the test
 // can release it meanwhile.
 #[tokio::test]
 async fn a_receive_that_finds_the_write_lock_taken_downloads_on_and_applies_at_the_end() {
-    let feed = Arc::new(Feed::default());
-    full_snapshot(&feed);
-    let gate = Arc::new(tokio::sync::Notify::new());
-    feed.gate.lock().unwrap().insert(String::new(), gate.clone());
-    let url = serve(feed.clone()).await;
+    let (feed, gate, url) = gated_snapshot("").await;
     let dir = tempfile::tempdir().unwrap();
     let c = Arc::new(client_for(&dir, &url, 1));
-    let receiving = tokio::spawn({
-        let c = c.clone();
-        async move { c.receive().await }
-    });
+    let receiving = receiving(&c);
     // The receive has begun (it asked for its first page); another connection, say a second
     // process's, now holds the write lock.
-    for _ in 0..1000 {
-        if !feed.seen.lock().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert!(asked_for(&feed, "").await);
     let other = rusqlite::Connection::open(dir.path().join("device.db")).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     feed.gate.lock().unwrap().clear();
     gate.notify_one();
     // The writer does not wait for the lock (more than briefly): the download goes on to the
     // last page while the lock is still held.
-    for _ in 0..600 {
-        if feed.seen.lock().unwrap().iter().any(|s| s == "c2") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(feed.seen.lock().unwrap().iter().any(|s| s == "c2"), "the download reached the last page");
+    assert!(asked_for(&feed, "c2").await, "the download reached the last page");
     other.execute_batch("COMMIT").unwrap();
     let report = receiving.await.unwrap().unwrap();
     assert!(!report.overlapped, "{report:?}");
@@ -860,27 +869,14 @@ async fn a_receive_that_finds_the_write_lock_taken_downloads_on_and_applies_at_t
 
 #[tokio::test]
 async fn a_local_write_during_an_overlapped_receive_gets_the_lock_and_its_row_is_kept() {
-    let feed = Arc::new(Feed::default());
-    full_snapshot(&feed);
-    let gate = Arc::new(tokio::sync::Notify::new());
-    feed.gate.lock().unwrap().insert("c2".into(), gate.clone());
-    let url = serve(feed.clone()).await;
+    let (feed, gate, url) = gated_snapshot("c2").await;
     let dir = tempfile::tempdir().unwrap();
     // Waiting for pages alone would never make this receive give the lock up.
     let overlap = Overlap { min_idle: Duration::from_secs(600), ..Overlap::default() };
     let c = Arc::new(client_with(&dir, &url, 1, overlap));
-    let receiving = tokio::spawn({
-        let c = c.clone();
-        async move { c.receive().await }
-    });
+    let receiving = receiving(&c);
     // The device asks for the last page once the first two are staged and applied.
-    for _ in 0..1000 {
-        if feed.seen.lock().unwrap().iter().any(|s| s == "c2") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(feed.seen.lock().unwrap().iter().any(|s| s == "c2"), "the receive reached the last page");
+    assert!(asked_for(&feed, "c2").await, "the receive reached the last page");
     // The receive holds the write lock: this write waits until it gives it up (or fails with
     // `database is locked` after 5 s).
     c.transaction(|tx| tx.execute("INSERT INTO customer (name, city) VALUES ('Local', NULL)", [])).unwrap();
