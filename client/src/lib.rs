@@ -430,7 +430,7 @@ impl Client {
         schema: &Arc<Schema>,
         page: engine::receive::ArrivedPage,
     ) -> Result<()> {
-        let writer = self.receive_writer(writer, receive, schema);
+        let writer = self.receive_writer(writer, receive, schema)?;
         let page = Arc::new(page);
         let (staged, applied) = tokio::join!(self.stage_in_background(receive, page.clone()), writer.page(page));
         staged?;
@@ -443,17 +443,18 @@ impl Client {
         writer: &'w mut Option<db::writer::ReceiveWriter>,
         receive: &db::receive::InProgress,
         schema: &Arc<Schema>,
-    ) -> &'w db::writer::ReceiveWriter {
-        writer.get_or_insert_with(|| {
-            db::writer::ReceiveWriter::start(
+    ) -> Result<&'w db::writer::ReceiveWriter> {
+        if writer.is_none() {
+            *writer = Some(db::writer::ReceiveWriter::start(
                 &self.path,
                 self.staging.clone(),
                 schema.clone(),
                 receive,
                 self.config.overlap,
                 self.lock_waits.clone(),
-            )
-        })
+            )?);
+        }
+        writer.as_ref().ok_or_else(|| Error::InvalidState("no receive writer".into()))
     }
 
     /// Runs `work` on the database on a blocking thread (see [`Client::in_local_transaction`]).

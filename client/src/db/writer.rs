@@ -1,8 +1,8 @@
-//! The receive's writer: a connection of its own, on one of the runtime's blocking threads,
-//! that applies each arriving page at once (while the driver stages it, beside), in one
-//! transaction held open across the pages while the download keeps pace, so the device applies
-//! a receive beside the server's work instead of after it (R11 still holds: nothing is visible
-//! before the commit after the last page).
+//! The receive's writer: a connection and a thread of its own that apply each arriving page at
+//! once (while the driver stages it, beside), in one transaction held open across the pages
+//! while the download keeps pace, so the device applies a receive beside the server's work
+//! instead of after it (R11 still holds: nothing is visible before the commit after the last
+//! page).
 //!
 //! The transaction holds the database's write lock, so it gives it up (rolls back, and the
 //! receive goes on staging only, its pages applied together at the end as before) when
@@ -101,17 +101,14 @@ enum Job {
 /// The writer of one receive (see the module). Dropping it rolls back whatever it applied.
 pub struct ReceiveWriter {
     jobs: Option<mpsc::Sender<Job>>,
-    /// Disconnected once the writer's work has ended (rolled back or committed), even by a panic.
-    ended: Option<std::sync::Mutex<mpsc::Receiver<()>>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ReceiveWriter {
-    /// Starts the writer on a blocking thread of the current Tokio runtime (its threads are
-    /// reused, and so is the memory an apply frees: a thread of its own per receive left each
-    /// receive's page cache behind in a malloc arena of its own), which opens its connection on
-    /// the database at `path`, for
-    /// `receive` as it is before this call's first page: the pages it has staged already are
+    /// Starts the writer's thread (one per receive: when it ends, its malloc arena is free for
+    /// the next receive's writer, which the runtime's long-lived blocking threads did not give
+    /// back), which opens its connection on the database at `path`, for `receive` as it is
+    /// before this call's first page: the pages it has staged already are
     /// read back from `staging` when the transaction begins, and every later page is given to
     /// [`ReceiveWriter::page`] (and staged by the caller) in order.
     pub fn start(
@@ -121,21 +118,20 @@ impl ReceiveWriter {
         receive: &InProgress,
         overlap: Overlap,
         waits: LockWaits,
-    ) -> Self {
+    ) -> Result<Self> {
         let (receive, path) = (receive.clone(), path.to_path_buf());
         let (jobs, rx) = mpsc::channel();
-        let (ending, ended) = mpsc::channel::<()>();
-        let task = tokio::task::spawn_blocking(move || {
-            let _ending = ending;
-            match crate::db::open_writer(&path) {
+        let thread = std::thread::Builder::new()
+            .name("ferry-receive".into())
+            .spawn(move || match crate::db::open_writer(&path) {
                 Ok(conn) => run(&conn, &Context { staging: &staging, schema: &schema, overlap, waits }, receive, &rx),
                 Err(e) => {
                     tracing::debug!(error = %e, "no overlapped apply: the writer's connection did not open");
                     decline(&rx);
                 }
-            }
-        });
-        ReceiveWriter { jobs: Some(jobs), ended: Some(std::sync::Mutex::new(ended)), task: Some(task) }
+            })
+            .map_err(|e| Error::InvalidState(format!("no thread for the receive's writer: {e}")))?;
+        Ok(ReceiveWriter { jobs: Some(jobs), thread: Some(thread) })
     }
 
     /// Applies `page` (the receive's next), if the transaction is open or can begin; returns
@@ -154,12 +150,11 @@ impl ReceiveWriter {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.send(Job::Finish(next, reply))?;
         let stats = answer.await.map_err(|_| Self::gone())?;
-        self.jobs = None;
-        if let Some(task) = self.task.take()
-            && let Err(e) = task.await
-            && e.is_panic()
+        self.jobs = None; // the thread has replied and ends
+        if let Some(thread) = self.thread.take()
+            && let Err(panic) = thread.join()
         {
-            std::panic::resume_unwind(e.into_panic());
+            std::panic::resume_unwind(panic);
         }
         Ok(stats)
     }
@@ -176,9 +171,9 @@ impl ReceiveWriter {
 impl Drop for ReceiveWriter {
     fn drop(&mut self) {
         self.jobs = None; // the writer rolls back what is open and ends
-        if let Some(ended) = self.ended.take() {
+        if let Some(thread) = self.thread.take() {
             // Waits at most for the page being applied: the next write finds the lock free.
-            let _ = ended.lock().map(|ended| ended.recv());
+            let _ = thread.join();
         }
     }
 }
