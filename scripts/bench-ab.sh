@@ -34,6 +34,8 @@ for line in open(sys.argv[1]):
     build, figure, value = line.split()
     runs[(figure, build)].append(float(value))
 for (figure, build), values in sorted(runs.items()):
-    shown = " / ".join(f"{v:,.0f}" if v >= 100 else f"{v:g}" for v in values)
-    print(f"{figure:36s} {build:16s} median {statistics.median(values):>12,.1f}   rounds {shown}")
+    def fmt(v):  # as the table prints figures: large ones whole, small ones to 3 significant digits
+        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    shown = " / ".join(fmt(v) for v in values)
+    print(f"{figure:36s} {build:16s} median {fmt(statistics.median(values)):>12s}   rounds {shown}")
 PY
