@@ -67,8 +67,8 @@ pub struct ClientConfig {
     /// page). The server works on the next page while the device stores the one it got.
     pub pages_per_request: u32,
     /// Whether and how long a receive applies its pages as they arrive, in one transaction held
-    /// across them (default: while the download keeps pace and no write of this process waits
-    /// for the lock; see [`engine::receive::Overlap`]). Disabled, pages are staged, then applied
+    /// across them (default: while the download keeps pace and no write on this client's
+    /// connection waits for the lock; see [`engine::receive::Overlap`]). Disabled, pages are staged, then applied
     /// together after the last one. Either way nothing is visible before the whole receive
     /// commits.
     pub overlap: engine::receive::Overlap,
