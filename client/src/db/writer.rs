@@ -69,7 +69,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// The busy handler of the app's connection: counts the wait in the [`LockWaits`] this thread
 /// counts into (an applying receive of that database gives the lock up when it sees one), then
-/// sleeps a little and tries again, for up to [`LOCK_WAIT`].
+/// sleeps a little and tries again, for up to 5 s (`LOCK_WAIT`).
 pub fn wait_for_writer(attempt: i32) -> bool {
     COUNTING.with(|c| {
         if let Some(waits) = c.borrow().as_ref() {
