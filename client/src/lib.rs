@@ -444,17 +444,17 @@ impl Client {
         receive: &db::receive::InProgress,
         schema: &Arc<Schema>,
     ) -> Result<&'w db::writer::ReceiveWriter> {
-        if writer.is_none() {
-            *writer = Some(db::writer::ReceiveWriter::start(
+        Ok(match writer {
+            Some(started) => started,
+            None => writer.insert(db::writer::ReceiveWriter::start(
                 &self.path,
                 self.staging.clone(),
                 schema.clone(),
                 receive,
                 self.config.overlap,
                 self.lock_waits.clone(),
-            )?);
-        }
-        writer.as_ref().ok_or_else(|| Error::InvalidState("no receive writer".into()))
+            )?),
+        })
     }
 
     /// Runs `work` on the database on a blocking thread (see [`Client::in_local_transaction`]).

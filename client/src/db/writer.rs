@@ -105,12 +105,12 @@ pub struct ReceiveWriter {
 }
 
 impl ReceiveWriter {
-    /// Starts the writer's thread (one per receive: when it ends, its malloc arena is free for
-    /// the next receive's writer, which the runtime's long-lived blocking threads did not give
-    /// back), which opens its connection on the database at `path`, for `receive` as it is
-    /// before this call's first page: the pages it has staged already are
+    /// Starts the writer's thread, which opens its connection on the database at `path`, for
+    /// `receive` as it is before this call's first page: the pages it has staged already are
     /// read back from `staging` when the transaction begins, and every later page is given to
-    /// [`ReceiveWriter::page`] (and staged by the caller) in order.
+    /// [`ReceiveWriter::page`] (and staged by the caller) in order. One thread per receive:
+    /// when it ends, its malloc arena is free for the next receive's writer (the runtime's
+    /// long-lived blocking threads kept theirs, and device memory grew receive by receive).
     pub fn start(
         path: &Path,
         staging: StagingFile,
