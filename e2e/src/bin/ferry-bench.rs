@@ -1107,6 +1107,10 @@ fn main() -> Result<()> {
         mode.recv_small = (rows / 10).max(INCREMENTAL);
         mode.devices = 10;
     }
+    // For profiling: more runs of each figure, so that timed work outweighs the setup.
+    if let Some(runs) = std::env::var("FERRY_BENCH_RUNS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        mode.runs = runs.max(1);
+    }
     if let Some(devices) = std::env::var("FERRY_BENCH_DEVICES").ok().and_then(|v| v.parse::<usize>().ok()) {
         mode.devices = devices;
     }

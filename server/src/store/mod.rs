@@ -146,8 +146,7 @@ pub(crate) trait FeedBackend {
     fn feed_page(
         &self,
         table: &ferry_protocol::Table,
-        sql: String,
-        params: Vec<feed::Param>,
+        query: feed::PageQuery,
     ) -> impl std::future::Future<Output = Result<Vec<feed::FeedRow>, StoreError>> + Send;
     /// Runs a count query.
     fn feed_count(
@@ -186,9 +185,11 @@ impl Store {
     ) -> Result<Vec<feed::FeedRow>, StoreError> {
         let mut sql = feed::FeedSql::new(self.backend(), schema, claims);
         let text = sql.page(table, range, after, limit);
+        let versions = if range.full { feed::scanned_versions(self.backend(), table) } else { None };
+        let query = feed::PageQuery { sql: text, params: sql.params, versions };
         match self {
-            Store::Sqlite(s) => s.feed_page(table, text, sql.params).await,
-            Store::Postgres(p) => p.feed_page(table, text, sql.params).await,
+            Store::Sqlite(s) => s.feed_page(table, query).await,
+            Store::Postgres(p) => p.feed_page(table, query).await,
         }
     }
 

@@ -647,7 +647,7 @@ impl ApplyTx for PgApplyTx {
 // ---------------------------------------------------------------------------------------------
 // Reading the change feed
 
-use super::feed::{FeedRow, Param};
+use super::feed::{FeedRow, PageQuery, Param};
 
 fn bind_params<'q>(
     mut q: sqlx::query::Query<'q, Postgres, <Postgres as sqlx::Database>::Arguments>,
@@ -673,8 +673,10 @@ impl super::FeedBackend for PgStore {
         Ok(sqlx::query_scalar("SELECT horizon FROM ferry_feed WHERE id = 1").fetch_one(&self.pool).await?)
     }
 
-    async fn feed_page(&self, table: &Table, sql: String, params: Vec<Param>) -> Result<Vec<FeedRow>, StoreError> {
+    async fn feed_page(&self, table: &Table, query: PageQuery) -> Result<Vec<FeedRow>, StoreError> {
         use tokio_stream::StreamExt as _;
+        // PostgreSQL's page queries read their versions themselves (`scanned_versions` is SQLite's).
+        let PageQuery { sql, params, versions: _ } = query;
         // Each row is decoded as it arrives, while PostgreSQL is still sending the rest: decoding
         // after the last row would leave the database idle until the next page is asked for.
         let query = bind_params(sqlx::query(AssertSqlSafe(sql)), params);

@@ -184,9 +184,14 @@ fn integer_key_index(table: &Table) -> Option<String> {
     let key = integer_key(table, "pk")?;
     Some(format!(
         "CREATE INDEX IF NOT EXISTS {} ON ferry_rows ({key}, version) WHERE tbl = '{}'",
-        quote(&format!("ferry_rows_key_{}", table.name)),
+        integer_key_index_name(table),
         table.name
     ))
+}
+
+/// The quoted name of [`integer_key_index`].
+pub(crate) fn integer_key_index_name(table: &Table) -> String {
+    quote(&format!("ferry_rows_key_{}", table.name))
 }
 
 /// Key expression over `NEW` or `OLD` — the same `json_array` form the apply engine binds.
@@ -602,7 +607,7 @@ impl ApplyTx for SqliteApplyTx {
 // ---------------------------------------------------------------------------------------------
 // Reading the change feed
 
-use super::feed::{FeedRow, Param};
+use super::feed::{FeedRow, PageQuery, Param, VersionMerge};
 
 fn bind_params<'q>(
     mut q: sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>,
@@ -617,6 +622,27 @@ fn bind_params<'q>(
     q
 }
 
+/// Reads the versions of a snapshot page's `rows` (in key order) with the `versions` query of
+/// [`super::feed::scanned_versions`], over the page's keys.
+fn read_versions(
+    conn: &rusqlite::Connection,
+    table: &Table,
+    versions: &str,
+    rows: &mut [FeedRow],
+) -> Result<(), StoreError> {
+    let Some(mut merge) = VersionMerge::new(table, rows) else { return Ok(()) };
+    let Some((first, last)) = merge.keys else { return Ok(()) };
+    let mut stmt = conn.prepare_cached(versions)?;
+    let mut entries = stmt.query(rusqlite::params![first, last])?;
+    while let Some(entry) = entries.next()? {
+        let pk = entry.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+        if !merge.entry(entry.get(0)?, pk, entry.get::<_, i64>(2)? as u64) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 impl super::FeedBackend for SqliteStore {
     async fn feed_head(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT version + 1 FROM ferry_counter WHERE id = 1").fetch_one(&self.pool).await?)
@@ -626,8 +652,10 @@ impl super::FeedBackend for SqliteStore {
         Ok(sqlx::query_scalar("SELECT horizon FROM ferry_feed WHERE id = 1").fetch_one(&self.pool).await?)
     }
 
-    async fn feed_page(&self, table: &Table, sql: String, params: Vec<Param>) -> Result<Vec<FeedRow>, StoreError> {
+    async fn feed_page(&self, table: &Table, query: PageQuery) -> Result<Vec<FeedRow>, StoreError> {
         let types: Vec<ColumnType> = table.columns.iter().map(|c| c.ty).collect();
+        let table = table.clone();
+        let PageQuery { sql, params, versions } = query;
         self.readers
             .run(move |conn| {
                 let mut stmt = conn.prepare_cached(&sql)?;
@@ -649,6 +677,9 @@ impl super::FeedBackend for SqliteStore {
                         None
                     };
                     out.push(FeedRow { pk: row.get(0)?, version: row.get::<_, i64>(1)? as u64, values });
+                }
+                if let Some(versions) = versions {
+                    read_versions(conn, &table, &versions, &mut out)?;
                 }
                 Ok(out)
             })
@@ -729,6 +760,73 @@ mod tests {
         assert_eq!(found, expected);
         assert_eq!(found.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2, 10], "[10] is not read as 1");
         assert!(found[1].1 > found[2].1, "the update gave row 2 the latest version");
+    }
+    /// A snapshot page of an integer-keyed table sent to everyone reads its versions in one
+    /// ordered scan of the integer index (no temporary sort), and each row gets its own entry's
+    /// version: not a tombstone's among its keys, nor that of an entry whose key text reads as
+    /// the same integer.
+    #[tokio::test]
+    async fn snapshot_versions_come_from_one_ordered_scan_and_are_each_rows_own() {
+        use crate::schema_file::SchemaFile;
+        use crate::store::feed::{ClaimSource, FeedRange, scanned_versions};
+        use crate::store::{Backend, Store};
+        use ferry_protocol::Value;
+        struct NoClaims;
+        impl ClaimSource for NoClaims {
+            fn claim(&self, _: &str) -> Option<Value> {
+                None
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.db");
+        let store = Store::Sqlite(super::SqliteStore::open(path.to_str().unwrap()).await.unwrap());
+        store.migrate().await.unwrap();
+        let file = SchemaFile::example();
+        store.install_schema(&file).await.unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO customer (id, name) VALUES (1, 'Ada'), (2, 'Bob'), (3, 'Cy'), (4, 'Di'), (10, 'Ed');
+             UPDATE customer SET city = 'Oslo' WHERE id = 2;
+             DELETE FROM customer WHERE id = 3;
+             INSERT INTO ferry_rows (tbl, pk, version, position) VALUES ('customer', '[04]', 999999, 999999);",
+        )
+        .unwrap();
+        let customer = file.schema.table("customer").unwrap();
+        let scan = scanned_versions(Backend::Sqlite, customer).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {scan}"))
+            .unwrap()
+            .query_map([1, 10], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(plan.iter().any(|step| step.contains("COVERING INDEX ferry_rows_key_customer")), "{plan:?}");
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "{plan:?}");
+
+        let expected: Vec<(i64, u64)> = conn
+            .prepare("SELECT CAST(substr(pk, 2, length(pk) - 2) AS INTEGER), version FROM ferry_rows WHERE tbl = 'customer' AND deleted = 0 AND pk <> '[04]' ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let range = FeedRange { from: 0, to: i64::MAX, full: true };
+        // Pages of two rows, so that a page starts after a key and ends before the last.
+        let (mut got, mut after) = (Vec::new(), String::new());
+        loop {
+            let rows = store.feed_page(&file.schema, &NoClaims, customer, range, &after, 2).await.unwrap();
+            for row in &rows {
+                let Some(Value::Integer(id)) = row.values.as_ref().map(|v| v[0].clone()) else { panic!("{row:?}") };
+                got.push((id, row.version));
+                after = format!("[{id}]");
+            }
+            if rows.len() < 2 {
+                break;
+            }
+        }
+        assert_eq!(got, expected);
+        assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2, 4, 10]);
+        assert!(got.iter().all(|(_, v)| *v > 0 && *v != 999999), "{got:?}");
     }
 }
 
