@@ -421,6 +421,21 @@ impl Client {
         }
     }
 
+    /// Syncs the pages `receive` staged since the last sync, on a blocking thread: the download
+    /// stopped short, and a power loss before it resumes should not cost them. A failure is
+    /// logged; the pages are still in the kernel's hands.
+    async fn sync_staged(&self, receive: &mut db::receive::InProgress) {
+        if !receive.unsynced() {
+            return;
+        }
+        let (staging, mut moved) = (self.staging.clone(), receive.clone());
+        match tokio::task::spawn_blocking(move || moved.sync(&staging).map(|()| moved)).await {
+            Ok(Ok(synced)) => *receive = synced,
+            Ok(Err(e)) => tracing::warn!(error = %e, "the staged pages could not be synced"),
+            Err(e) => tracing::warn!(error = %e, "syncing the staged pages was stopped"),
+        }
+    }
+
     /// Stores the receive's next `page`: stages it on a blocking thread while the receive's
     /// writer (started for `receive` if it is not yet) applies it.
     async fn store_page(
@@ -737,6 +752,7 @@ impl Client {
                     machine.step(Ri::Staged)
                 }
                 Rc::Sleep(d) => {
+                    self.sync_staged(&mut receive).await;
                     tokio::time::sleep(d).await;
                     machine.step(Ri::Slept)
                 }
@@ -774,7 +790,10 @@ impl Client {
                     }
                     return Ok(report);
                 }
-                Rc::Failed(e) => return Err(e),
+                Rc::Failed(e) => {
+                    self.sync_staged(&mut receive).await;
+                    return Err(e);
+                }
             };
         }
     }

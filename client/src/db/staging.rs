@@ -7,8 +7,11 @@
 //! while the download goes on, see [`crate::db::receive`]). It starts with a header naming the
 //! receive it belongs to (the id in `ferry_meta` key `receive_id`), then holds one record per
 //! page, each its length, a CRC-32 of the rest, the page's `full`/`last` flags, the cursor of
-//! the page after it, and the page's encoded body as it arrived. Each record is synced to disk
-//! before the next page is asked for. Reading it back:
+//! the page after it, and the page's encoded body as it arrived. The file is synced to disk when
+//! it is created (its header), then at most once a second while pages arrive and whenever the
+//! download stops short ([`crate::db::receive::STAGED_SYNC_INTERVAL`]): a process that dies
+//! keeps every page written (the kernel holds them), and a power loss costs at most the last
+//! second of the download, which the resume fetches again. Reading it back:
 //! - the records are the longest run of whole records with matching checksums; a record cut or
 //!   garbled by a crash ends them, and the next append cuts it off;
 //! - a file whose header names another receive (one already applied or dropped: a crash before
@@ -110,9 +113,9 @@ impl StagingFile {
 
     /// Writes one page as a record at offset `at` (where the records of receive `id` end, as
     /// [`StagingFile::scan`] or the previous append said; 0 starts the file anew with `id`'s
-    /// header), dropping whatever follows it, and syncs the file to disk. Returns where the
-    /// records end now.
-    pub fn append(&self, id: &Uuid, at: u64, mark: PageMark<'_>, body: &[u8]) -> Result<u64> {
+    /// header), dropping whatever follows it, and syncs the file to disk when `sync` is set or
+    /// the file is new. Returns where the records end now.
+    pub fn append(&self, id: &Uuid, at: u64, mark: PageMark<'_>, body: &[u8], sync: bool) -> Result<u64> {
         let next = mark.next.0.as_bytes();
         let payload_len = 1 + 4 + next.len() + body.len();
         let len = u32::try_from(payload_len)
@@ -156,13 +159,22 @@ impl StagingFile {
             out.write_all(body)?;
             out.flush()?;
             drop(out);
-            file.sync_data()
+            if sync || at == 0 { file.sync_data() } else { Ok(()) }
         };
         write(&mut file).map_err(|e| self.error("write", &e))?;
         if created {
             self.sync_directory()?;
         }
         Ok(at.max(HEADER_BYTES) + 8 + u64::from(len))
+    }
+
+    /// Syncs what was appended to disk (nothing to do when the file is missing).
+    pub fn sync(&self) -> Result<()> {
+        match File::options().write(true).open(&self.path) {
+            Ok(file) => file.sync_data().map_err(|e| self.error("sync", &e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.error("open", &e)),
+        }
     }
 
     /// Reads the records of receive `id` in order (none when the file is missing or belongs to
@@ -318,8 +330,8 @@ mod tests {
         assert_eq!(staging.path(), dir.path().join("device.db.receive"));
         let id = Uuid::now_v7();
         let (c1, c2) = (Cursor("c1".into()), Cursor("c2".into()));
-        let one = staging.append(&id, 0, mark(&c1, false), b"first").unwrap();
-        let two = staging.append(&id, one, mark(&c2, true), b"second page").unwrap();
+        let one = staging.append(&id, 0, mark(&c1, false), b"first", true).unwrap();
+        let two = staging.append(&id, one, mark(&c2, true), b"second page", true).unwrap();
         assert_eq!((one, two), (24 + 8 + 7 + 5, 24 + 8 + 7 + 5 + 8 + 7 + 11));
         assert_eq!(
             read_all(&staging, &id),
@@ -329,7 +341,7 @@ mod tests {
         assert_eq!(scanned, Staged { pages: 2, full: true, complete: true, next: Some(c2.clone()), end: two });
 
         // An append at `one` replaces what followed it.
-        let again = staging.append(&id, one, mark(&c2, false), b"other").unwrap();
+        let again = staging.append(&id, one, mark(&c2, false), b"other", true).unwrap();
         assert_eq!(read_all(&staging, &id).len(), 2);
         assert_eq!(staging.scan(&id).unwrap().end, again);
         assert!(!staging.scan(&id).unwrap().complete);
@@ -337,7 +349,7 @@ mod tests {
         // Another receive's id sees nothing, and its first append replaces the file.
         let other = Uuid::now_v7();
         assert_eq!(staging.scan(&other).unwrap(), Staged::default());
-        staging.append(&other, 0, mark(&c1, true), b"new").unwrap();
+        staging.append(&other, 0, mark(&c1, true), b"new", true).unwrap();
         assert_eq!(read_all(&staging, &other), [("c1".to_string(), b"new".to_vec())]);
         assert!(read_all(&staging, &id).is_empty());
         staging.remove().unwrap();
@@ -351,8 +363,8 @@ mod tests {
         let staging = StagingFile::for_database(&dir.path().join("device.db"));
         let id = Uuid::now_v7();
         let c1 = Cursor("c1".into());
-        let one = staging.append(&id, 0, mark(&c1, false), b"page one").unwrap();
-        let two = staging.append(&id, one, mark(&c1, false), b"page two").unwrap();
+        let one = staging.append(&id, 0, mark(&c1, false), b"page one", true).unwrap();
+        let two = staging.append(&id, one, mark(&c1, false), b"page two", false).unwrap();
         let whole = std::fs::read(staging.path()).unwrap();
 
         // Cut in the middle of the second record: one page left.
@@ -369,7 +381,7 @@ mod tests {
         garbage.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]);
         std::fs::write(staging.path(), &garbage).unwrap();
         assert_eq!(staging.scan(&id).unwrap().pages, 1);
-        let three = staging.append(&id, one, mark(&c1, true), b"page two again").unwrap();
+        let three = staging.append(&id, one, mark(&c1, true), b"page two again", true).unwrap();
         assert_eq!(read_all(&staging, &id).len(), 2);
         assert_eq!(
             staging.scan(&id).unwrap(),
@@ -382,7 +394,7 @@ mod tests {
         std::fs::write(staging.path(), [0xff; 64]).unwrap();
         assert_eq!(staging.scan(&id).unwrap(), Staged::default());
         // An append past the end of what is there is refused and changes nothing.
-        assert!(matches!(staging.append(&id, 1000, mark(&c1, false), b"x"), Err(Error::Staging(_))));
+        assert!(matches!(staging.append(&id, 1000, mark(&c1, false), b"x", true), Err(Error::Staging(_))));
         assert_eq!(std::fs::read(staging.path()).unwrap(), [0xff; 64]);
     }
 }
