@@ -63,8 +63,9 @@ pub struct ClientConfig {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Rows asked per receive page (default 4000; see [`DEFAULT_PAGE_LIMIT`]).
     pub page_limit: u32,
-    /// Pages a receive asks the server to stream in one answer (default 16; 1: one request per
-    /// page). The server works on the next page while the device stores the one it got.
+    /// Pages a receive asks the server to stream in one answer (default 64; 1: one request per
+    /// page). The server works on the next page while the device stores the one it got, and
+    /// streams at most its own `--max-stream-pages` (default 64) whatever is asked.
     pub pages_per_request: u32,
     /// Whether and how long a receive applies its pages as they arrive, in one transaction held
     /// across them (default: while the download keeps pace and no write on this client's
@@ -109,8 +110,10 @@ pub const DEFAULT_BLOB_CHUNK_BYTES: u64 = 1024 * 1024;
 /// server's byte budget still ends a page of large rows sooner.
 pub const DEFAULT_PAGE_LIMIT: u32 = 4000;
 
-/// Default number of pages a receive asks to have streamed in one answer.
-pub const DEFAULT_PAGES_PER_REQUEST: u32 = 16;
+/// Default number of pages a receive asks to have streamed in one answer: the server's default
+/// most. Each new answer starts with a page read before its first byte, while the device waits
+/// (a 100k-row receive of 4000-row pages is one answer instead of two).
+pub const DEFAULT_PAGES_PER_REQUEST: u32 = 64;
 
 type Running = Mutex<Option<HashSet<PathBuf>>>;
 

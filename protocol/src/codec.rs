@@ -102,14 +102,21 @@ impl Encoding {
 
     /// Encodes a message, framed with [`PROTOCOL_VERSION`].
     pub fn encode<T: Serialize>(self, message: &T) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::new();
+        self.encode_into(message, &mut out)?;
+        Ok(out)
+    }
+
+    /// Encodes a message as [`Encoding::encode`] does, appending it to `out` (a buffer reused
+    /// from message to message keeps its room). On an error `out` may hold part of it.
+    pub fn encode_into<T: Serialize>(self, message: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let failed = |e: postcard::Error| CodecError::Encode(e.to_string());
         match self {
             Encoding::Postcard => {
-                let mut out =
-                    postcard::to_stdvec(&(PROTOCOL_VERSION as u64)).map_err(|e| CodecError::Encode(e.to_string()))?;
-                postcard::to_io(message, &mut out).map_err(|e| CodecError::Encode(e.to_string()))?;
-                Ok(out)
+                postcard::serialize_with_flavor(&(PROTOCOL_VERSION as u64), AppendTo(out)).map_err(failed)?;
+                postcard::serialize_with_flavor(message, AppendTo(out)).map_err(failed)
             }
-            Encoding::Json => serde_json::to_vec(&JsonFrame { protocol: PROTOCOL_VERSION as u64, message })
+            Encoding::Json => serde_json::to_writer(out, &JsonFrame { protocol: PROTOCOL_VERSION as u64, message })
                 .map_err(|e| CodecError::Encode(e.to_string())),
         }
     }
@@ -174,13 +181,42 @@ impl Encoding {
     /// Encodes a message as one frame of a stream: its encoded length as a 4-byte big-endian
     /// integer, then the message as [`Encoding::encode`] writes it.
     pub fn encode_frame<T: Serialize>(self, message: &T) -> Result<Vec<u8>, CodecError> {
-        let message = self.encode(message)?;
-        let len = u32::try_from(message.len())
-            .map_err(|_| CodecError::Encode(format!("a frame of {} bytes is too large", message.len())))?;
-        let mut out = Vec::with_capacity(FRAME_PREFIX_BYTES + message.len());
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&message);
+        let mut out = Vec::new();
+        self.encode_frame_into(message, &mut out)?;
         Ok(out)
+    }
+
+    /// Encodes a message as one frame, as [`Encoding::encode_frame`] does, appending it to `out`.
+    pub fn encode_frame_into<T: Serialize>(self, message: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; FRAME_PREFIX_BYTES]);
+        self.encode_into(message, out)?;
+        let size = out.len() - start - FRAME_PREFIX_BYTES;
+        let len =
+            u32::try_from(size).map_err(|_| CodecError::Encode(format!("a frame of {size} bytes is too large")))?;
+        out[start..start + FRAME_PREFIX_BYTES].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+}
+
+/// A postcard output appending to a vector (postcard's own vector output starts a new one).
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 

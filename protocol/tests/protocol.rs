@@ -190,7 +190,13 @@ proptest! {
         cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
     ) {
         for encoding in [Encoding::Postcard, Encoding::Json] {
-            let stream: Vec<u8> = pages.iter().flat_map(|p| encoding.encode_frame(p).unwrap()).collect();
+            // Frames appended to one buffer, as a page stream writes them.
+            let mut stream = Vec::new();
+            for page in &pages {
+                encoding.encode_frame_into(page, &mut stream).unwrap();
+            }
+            let apart: Vec<u8> = pages.iter().flat_map(|p| encoding.encode_frame(p).unwrap()).collect();
+            prop_assert_eq!(&stream, &apart);
             let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
             at.push(0);
             at.push(stream.len());

@@ -96,7 +96,7 @@ pub struct Limits {
     /// Approximate byte budget of one page.
     #[arg(long, env = "FERRY_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_page_bytes: usize,
-    /// Most pages a device may ask to have streamed in one response.
+    /// Most pages streamed in one response (a device asking for more gets this many).
     #[arg(long, env = "FERRY_MAX_STREAM_PAGES", default_value_t = 64)]
     pub max_stream_pages: usize,
     /// Longest a request may take, in seconds, before it is abandoned (and rolled back) with 408.

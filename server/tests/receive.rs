@@ -322,7 +322,7 @@ backend_tests! {
 
     async fn a_page_stream_holds_the_pages_asked_one_at_a_time_compressed_or_not(backend) {
         let Some(h) = harness(backend).await else { return };
-        let rows: Vec<String> = (3..40).map(|i| format!("({i}, 'customer {i}')")).collect();
+        let rows: Vec<String> = (3..100).map(|i| format!("({i}, 'customer {i}')")).collect();
         h.sql(&format!("INSERT INTO customer (id, name) VALUES {}", rows.join(", "))).await;
         let mut one_by_one = Vec::new();
         let mut cursor = Cursor::start();
@@ -361,12 +361,41 @@ backend_tests! {
                 assert_eq!(streamed.len(), pages);
             }
         }
-        let (status, body) = h.get("alice", "/v1/changes?limit=4&pages=65").await;
-        let err: ErrorBody = Encoding::Json.decode(&body, 1 << 20).unwrap();
-        assert_eq!((status, err.limit), (StatusCode::PAYLOAD_TOO_LARGE, Some(64)));
+        // More pages than the server streams in one answer (64) get that many; the device asks
+        // again from the last one's `next`.
+        let path = format!("/v1/changes?cursor={}&limit=1&pages=65", urlencode(&one_by_one[0].next.0));
+        let (_, body) = h.stream(&path, false).await;
+        let mut frames = codec::FrameReader::new(1 << 26);
+        frames.push(&body);
+        let mut clamped = Vec::new();
+        while let Some(frame) = frames.next_frame().unwrap() {
+            clamped.push(Encoding::Postcard.decode::<ChangePage>(frame, 1 << 26).unwrap());
+        }
+        assert_eq!(clamped.len(), 64, "the rows fill more than 64 one-row pages");
+        assert!(!clamped[63].last);
         let (status, body) = h.get("alice", "/v1/changes?cursor=garbage&pages=8").await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "a bad cursor gets its status before a stream starts");
         assert!(Encoding::Json.decode::<ErrorBody>(&body, 1 << 20).is_ok());
+    }
+
+    async fn a_stream_s_first_page_is_short_and_the_next_ones_are_full(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let rows: Vec<String> = (3..1600).map(|i| format!("({i}, 'customer {i}')")).collect();
+        h.sql(&format!("INSERT INTO customer (id, name) VALUES {}", rows.join(", "))).await;
+        let (_, body) = h.stream("/v1/changes?limit=1000&pages=3", false).await;
+        let mut frames = codec::FrameReader::new(1 << 26);
+        frames.push(&body);
+        let mut sizes = Vec::new();
+        while let Some(frame) = frames.next_frame().unwrap() {
+            let page: ChangePage = Encoding::Postcard.decode(frame, 1 << 26).unwrap();
+            sizes.push(page.upserts.iter().map(|t| t.rows.len()).sum::<usize>());
+        }
+        // Read before the answer starts, the first page is short so that it arrives sooner.
+        assert_eq!(sizes[..2], [500, 1000], "{sizes:?}");
+        let (status, body) = h.get("alice", "/v1/changes?limit=1000").await;
+        assert_eq!(status, StatusCode::OK);
+        let page: ChangePage = Encoding::Postcard.decode(&body, 1 << 26).unwrap();
+        assert_eq!(page.upserts.iter().map(|t| t.rows.len()).sum::<usize>(), 1000, "a page asked alone is full");
     }
 
     async fn compaction_drops_old_tombstones_and_sends_older_cursors_to_a_full_receive(backend) {

@@ -15,7 +15,7 @@
 
 use ferry_protocol::{ChangePage, Cursor, ErrorCode, Estimate, Removal, Schema, Table, TableRows, Value};
 
-use crate::store::feed::{ClaimSource, FeedRange, key_params, parse_key, snapshot_key};
+use crate::store::feed::{ClaimSource, FeedRange, SpareRows, key_params, parse_key, snapshot_key};
 use crate::store::{Store, StoreError};
 
 /// Why a page could not be served.
@@ -155,6 +155,20 @@ pub async fn page(
     max_rows: usize,
     max_bytes: usize,
 ) -> Result<ChangePage, FeedError> {
+    page_into(store, schema, claims, cursor, max_rows, max_bytes, SpareRows::default()).await
+}
+
+/// [`page`], reading the page's rows into `spare`'s vectors (those of pages sent before, see
+/// [`SpareRows`]).
+pub async fn page_into(
+    store: &Store,
+    schema: &Schema,
+    claims: &dyn ClaimSource,
+    cursor: &str,
+    max_rows: usize,
+    max_bytes: usize,
+    mut spare: SpareRows,
+) -> Result<ChangePage, FeedError> {
     let mut progress = begin(store, cursor).await?;
     let full = progress.phase != Phase::Incremental;
     let tables = received_tables(schema);
@@ -187,7 +201,8 @@ pub async fn page(
         let rows = if progress.phase != Phase::Snapshot && progress.from >= progress.to {
             Vec::new() // nothing changed
         } else {
-            store.feed_page(schema, claims, table, progress.range(), &progress.after, rows_left as i64).await?
+            let spare = std::mem::take(&mut spare);
+            store.feed_page(schema, claims, table, progress.range(), &progress.after, rows_left as i64, spare).await?
         };
         let fetched = rows.len();
         let mut group = TableRows {

@@ -10,6 +10,8 @@
 //! error then). When the device accepts zstd the stream is one zstd stream flushed after each
 //! page, so every page reaches the device as soon as it is read.
 
+use std::sync::{Arc, Mutex};
+
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -26,6 +28,7 @@ use super::error::ApiError;
 use super::wire::{Accepts, Reply};
 use crate::auth::User;
 use crate::feed::{self, FeedError};
+use crate::store::feed::SpareRows;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/changes", get(changes)).route("/v1/changes/estimate", get(estimate))
@@ -39,6 +42,9 @@ struct Params {
     /// Most pages to stream in this response (default 1: one page, not framed).
     pages: Option<usize>,
 }
+
+/// Most rows in the first page of a stream (see [`changes`]).
+const FIRST_STREAMED_PAGE_ROWS: usize = 500;
 
 /// Encoded pages buffered between the page reader and the connection: enough for the next page
 /// to be ready when the connection wants it, few enough to hold little for a slow device.
@@ -70,13 +76,14 @@ async fn changes(
     if limit > max {
         return Err(ApiError::too_large("the page limit", max as u64));
     }
-    let pages = params.pages.unwrap_or(1).max(1);
-    let max_pages = state.limits.max_stream_pages;
-    if pages > max_pages {
-        return Err(ApiError::too_large("the pages asked for one response", max_pages as u64));
-    }
+    // More pages than the server streams in one answer get as many as it does: the device asks
+    // again from the last page's `next`, as after any answer that ends early.
+    let pages = params.pages.unwrap_or(1).clamp(1, state.limits.max_stream_pages.max(1));
+    // A stream's first page is read before the answer starts: a short one reaches the device
+    // sooner, and the next (full) page is read while it travels and is applied.
+    let first_limit = if pages > 1 { limit.min(FIRST_STREAMED_PAGE_ROWS) } else { limit };
     let page =
-        feed::page(&state.store, &state.schema.schema, &user, &params.cursor, limit, state.limits.max_page_bytes)
+        feed::page(&state.store, &state.schema.schema, &user, &params.cursor, first_limit, state.limits.max_page_bytes)
             .await?;
     count_rows(&page);
     if pages == 1 {
@@ -139,16 +146,21 @@ async fn stream_pages(state: AppState, user: User, how: PageStream, first: Chang
         false => None,
     };
     let (ahead, mut read) = tokio::sync::mpsc::channel(READ_AHEAD_PAGES);
+    let spare = Arc::new(Mutex::new(SpareRows::default()));
     if !first.last && how.pages > 1 {
-        tokio::spawn(read_pages(state, user, first.next.clone(), how.limit, how.pages - 1, ahead));
+        let reader = PageReader { state, user, spare: spare.clone(), limit: how.limit };
+        tokio::spawn(read_pages(reader, first.next.clone(), how.pages - 1, ahead));
     }
     let mut page = Some(first);
+    let mut frame = Vec::new();
     while let Some(current) = page.take() {
-        let bytes = match encoded(how.encoding, zstd.as_mut(), &current) {
+        let bytes = match encoded(how.encoding, zstd.as_mut(), &current, &mut frame) {
             Ok(bytes) => bytes,
             Err(e) => return tracing::error!(error = %e, "a page could not be encoded; the page stream stops"),
         };
-        drop(current);
+        // The page's rows go back to the reader, for a later page's rows to be read into.
+        let rows = current.upserts.into_iter().flat_map(|group| group.rows);
+        spare.lock().unwrap_or_else(|e| e.into_inner()).keep(rows);
         if frames.send(Ok(bytes.into())).await.is_err() {
             return; // the device hung up; dropping `read` stops the reader
         }
@@ -169,19 +181,29 @@ async fn stream_pages(state: AppState, user: User, how: PageStream, first: Chang
     }
 }
 
+/// What a page stream's reader reads with.
+struct PageReader {
+    state: AppState,
+    user: User,
+    /// The rows of pages already encoded, handed back by the stream's writer.
+    spare: Arc<Mutex<SpareRows>>,
+    /// Rows per page.
+    limit: usize,
+}
+
 /// Reads up to `count` consecutive pages from `cursor` into `ahead`, stopping after the last page,
 /// at the first error (handed over too) or when the writer stops listening.
 async fn read_pages(
-    state: AppState,
-    user: User,
+    reader: PageReader,
     mut cursor: ferry_protocol::Cursor,
-    limit: usize,
     count: usize,
     ahead: tokio::sync::mpsc::Sender<Result<ChangePage, FeedError>>,
 ) {
+    let PageReader { state, user, spare, limit } = reader;
     let (schema, max_bytes) = (&state.schema.schema, state.limits.max_page_bytes);
     for _ in 0..count {
-        let page = feed::page(&state.store, schema, &user, &cursor.0, limit, max_bytes).await;
+        let rows = std::mem::take(&mut *spare.lock().unwrap_or_else(|e| e.into_inner()));
+        let page = feed::page_into(&state.store, schema, &user, &cursor.0, limit, max_bytes, rows).await;
         let next = match &page {
             Ok(page) if !page.last => Some(page.next.clone()),
             _ => None,
@@ -199,17 +221,22 @@ async fn read_pages(
     }
 }
 
-/// One page as the stream's next bytes: its frame, compressed and flushed when asked.
+/// One page as the stream's next bytes: its frame (encoded into `frame`, a buffer reused from
+/// page to page when the frame is compressed), compressed and flushed when asked.
 fn encoded(
     encoding: Encoding,
     zstd: Option<&mut zstd::stream::write::Encoder<'static, Vec<u8>>>,
     page: &ChangePage,
+    frame: &mut Vec<u8>,
 ) -> Result<Vec<u8>, String> {
-    let frame = encoding.encode_frame(page).map_err(|e| e.to_string())?;
-    let Some(encoder) = zstd else { return Ok(frame) };
+    frame.clear();
+    encoding.encode_frame_into(page, frame).map_err(|e| e.to_string())?;
+    let Some(encoder) = zstd else { return Ok(std::mem::take(frame)) };
     use std::io::Write as _;
-    encoder.write_all(&frame).and_then(|()| encoder.flush()).map_err(|e| e.to_string())?;
-    Ok(std::mem::take(encoder.get_mut()))
+    encoder.write_all(frame).and_then(|()| encoder.flush()).map_err(|e| e.to_string())?;
+    // The next page's compressed bytes are about as many as this one's.
+    let next = Vec::with_capacity(encoder.get_ref().len());
+    Ok(std::mem::replace(encoder.get_mut(), next))
 }
 
 fn count_rows(page: &ChangePage) {

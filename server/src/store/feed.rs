@@ -37,6 +37,79 @@ pub struct PageQuery {
     /// The query reading the rows' versions, where the page query leaves them at 0
     /// ([`scanned_versions`]; SQLite only).
     pub versions: Option<String>,
+    /// The most rows the page may have.
+    pub limit: usize,
+    /// Value vectors to read the page's rows into.
+    pub spare: SpareRows,
+}
+
+impl PageQuery {
+    /// A vector for the page's rows, as many as [`PageQuery::limit`] (up to a bound: the limit
+    /// is a ceiling, not a promise) without growing.
+    pub fn rows(&self) -> Vec<FeedRow> {
+        Vec::with_capacity(self.limit.min(MAX_RESERVED_ROWS))
+    }
+}
+
+/// The most rows a page reserves room for before it reads them.
+const MAX_RESERVED_ROWS: usize = 8192;
+
+/// Value vectors of rows already sent, for the next rows read to be written into: a page stream
+/// hands each page's rows back once the page is encoded (see `http::changes`), so the pages
+/// after the first allocate nothing per row, texts included ([`put_text`]), and the page's
+/// memory is not freed by another thread than the one that allocated it (each page is read on
+/// one thread and encoded on another: glibc's allocator then takes its slow paths for both).
+#[derive(Debug, Default)]
+pub struct SpareRows(Vec<Vec<Value>>);
+
+/// The most rows [`SpareRows`] keeps: those of a couple of pages.
+const MAX_SPARE_ROWS: usize = 2 * MAX_RESERVED_ROWS;
+
+impl SpareRows {
+    /// A vector for a row of `width` values: a spare one (its old values still in it, to be
+    /// overwritten) or a new one.
+    pub fn take(&mut self, width: usize) -> Vec<Value> {
+        self.0.pop().unwrap_or_else(|| Vec::with_capacity(width))
+    }
+
+    /// Keeps `rows` for later pages, up to [`MAX_SPARE_ROWS`] in all.
+    pub fn keep(&mut self, rows: impl IntoIterator<Item = Vec<Value>>) {
+        let room = MAX_SPARE_ROWS.saturating_sub(self.0.len());
+        self.0.extend(rows.into_iter().take(room));
+    }
+
+    /// How many vectors are kept.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Sets value `i` of `row` (a vector from [`SpareRows::take`], whose length says how many of
+/// its values are still old ones) to `value`, reusing the old value's text buffer when both are
+/// texts.
+pub fn put_value(row: &mut Vec<Value>, i: usize, value: Value) {
+    match row.get_mut(i) {
+        Some(slot) => *slot = value,
+        None => row.push(value),
+    }
+}
+
+/// Sets value `i` of `row` (see [`put_value`]) to the text `text`, into the old value's buffer
+/// when it held a text.
+pub fn put_text(row: &mut Vec<Value>, i: usize, text: &str) {
+    match row.get_mut(i) {
+        Some(Value::Text(old)) => {
+            old.clear();
+            old.push_str(text);
+        }
+        Some(slot) => *slot = Value::Text(text.to_owned()),
+        None => row.push(Value::Text(text.to_owned())),
+    }
 }
 
 /// The user's claims, as scopes read them.
@@ -379,8 +452,6 @@ pub struct VersionMerge<'r> {
     at: usize,
     /// The first and the last row's key: the range of entries to read.
     pub keys: Option<(i64, i64)>,
-    /// The key text the current entry must have (reused).
-    text: String,
 }
 
 /// The integer key of a row whose key is value `at`.
@@ -398,7 +469,7 @@ impl<'r> VersionMerge<'r> {
         let first = rows.iter().find_map(|row| integer_key_of(row, at));
         let last = rows.iter().rev().find_map(|row| integer_key_of(row, at));
         let keys = first.zip(last);
-        Some(VersionMerge { rows: rows.iter_mut().peekable(), at, keys, text: String::new() })
+        Some(VersionMerge { rows: rows.iter_mut().peekable(), at, keys })
     }
 
     /// Takes the next entry; `false` once no row is left for later entries.
@@ -407,16 +478,27 @@ impl<'r> VersionMerge<'r> {
         // Rows before this entry's key have no entry left: they keep 0.
         while self.rows.next_if(|row| integer_key_of(row, at).is_none_or(|k| k < key)).is_some() {}
         let Some(row) = self.rows.peek_mut() else { return false };
-        if integer_key_of(row, at) == Some(key) {
-            use std::fmt::Write as _;
-            self.text.clear();
-            let _ = write!(self.text, "[{key}]");
-            if pk == self.text {
-                row.version = version;
-            }
+        if integer_key_of(row, at) == Some(key) && is_integer_key_text(pk, key) {
+            row.version = version;
         }
         true
     }
+}
+
+/// Whether `text` is the key text of integer key `key`: `[key]` as JSON prints it, with no sign
+/// but a minus and no leading zeros.
+fn is_integer_key_text(text: &str, key: i64) -> bool {
+    let Some(digits) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else { return false };
+    let (negative, digits) = match digits.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, digits),
+    };
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && !(negative && digits == "0");
+    // Parsed as the magnitude (i64::MIN's has no positive i64), then compared with the key's.
+    canonical && negative == (key < 0) && digits.parse::<u64>() == Ok(key.unsigned_abs())
 }
 
 /// Parses a feed key text (a JSON array of integers and texts) into a key with one value per key
@@ -483,4 +565,61 @@ pub struct FeedRow {
     pub version: u64,
     /// The row's values in schema column order, or `None` when it is deleted or out of scope.
     pub values: Option<Vec<Value>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_key_texts_are_only_those_json_prints() {
+        for (text, key) in [("[7]", 7), ("[0]", 0), ("[-12]", -12), ("[9223372036854775807]", i64::MAX)] {
+            assert!(is_integer_key_text(text, key), "{text}");
+        }
+        assert!(is_integer_key_text("[-9223372036854775808]", i64::MIN));
+        for (text, key) in [
+            ("[07]", 7),
+            ("[+7]", 7),
+            ("[-0]", 0),
+            ("[7", 7),
+            ("7", 7),
+            ("[7.0]", 7),
+            ("[]", 0),
+            ("[8]", 7),
+            ("[-7]", 7),
+        ] {
+            assert!(!is_integer_key_text(text, key), "{text} is not the key text of {key}");
+        }
+        assert!(!is_integer_key_text("[\"7\"]", 7));
+    }
+
+    /// A spare row's texts are overwritten in their own buffers, and its other values replaced.
+    #[test]
+    fn spare_rows_are_read_into_in_place() {
+        let mut spare = SpareRows::default();
+        spare.keep([vec![Value::Integer(1), Value::Text(String::with_capacity(64)), Value::Null]]);
+        let mut row = spare.take(2);
+        assert!(spare.is_empty());
+        let Value::Text(old) = &row[1] else { panic!("a text") };
+        let buffer = old.as_ptr();
+        put_value(&mut row, 0, Value::Integer(2));
+        put_text(&mut row, 1, "new text");
+        row.truncate(2);
+        assert_eq!(row, vec![Value::Integer(2), Value::Text("new text".into())]);
+        let Value::Text(new) = &row[1] else { panic!("a text") };
+        assert_eq!(new.as_ptr(), buffer, "the text went into the old buffer");
+
+        let mut fresh = spare.take(2);
+        put_text(&mut fresh, 0, "a");
+        put_value(&mut fresh, 1, Value::Null);
+        assert_eq!(fresh, vec![Value::Text("a".into()), Value::Null]);
+    }
+
+    #[test]
+    fn spare_rows_keep_at_most_a_couple_of_pages() {
+        let mut spare = SpareRows::default();
+        spare.keep((0..MAX_SPARE_ROWS + 10).map(|_| Vec::new()));
+        spare.keep([Vec::new()]);
+        assert_eq!(spare.len(), MAX_SPARE_ROWS);
+    }
 }

@@ -173,7 +173,9 @@ impl Store {
         }
     }
 
-    /// Up to `limit` candidate rows of `table` after key text `after`, for the user's scope.
+    /// Up to `limit` candidate rows of `table` after key text `after`, for the user's scope,
+    /// their values read into `spare` vectors where there are any.
+    #[allow(clippy::too_many_arguments)]
     pub async fn feed_page(
         &self,
         schema: &Schema,
@@ -182,11 +184,13 @@ impl Store {
         range: feed::FeedRange,
         after: &str,
         limit: i64,
+        spare: feed::SpareRows,
     ) -> Result<Vec<feed::FeedRow>, StoreError> {
         let mut sql = feed::FeedSql::new(self.backend(), schema, claims);
         let text = sql.page(table, range, after, limit);
         let versions = if range.full { feed::scanned_versions(self.backend(), table) } else { None };
-        let query = feed::PageQuery { sql: text, params: sql.params, versions };
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let query = feed::PageQuery { sql: text, params: sql.params, versions, limit, spare };
         match self {
             Store::Sqlite(s) => s.feed_page(table, query).await,
             Store::Postgres(p) => p.feed_page(table, query).await,

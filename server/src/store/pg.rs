@@ -406,6 +406,19 @@ fn decode(row: &PgRow, i: usize, col: &Column) -> Result<Value, sqlx::Error> {
     })
 }
 
+/// Decodes column `i` of `row` into value `at` of `values` (see [`put_value`]): a text goes into
+/// the buffer of the text there, if there is one.
+fn decode_into(row: &PgRow, i: usize, col: &Column, values: &mut Vec<Value>, at: usize) -> Result<(), sqlx::Error> {
+    match col.ty {
+        ColumnType::Text => match row.try_get::<Option<&str>, _>(i)? {
+            Some(text) => put_text(values, at, text),
+            None => put_value(values, at, Value::Null),
+        },
+        _ => put_value(values, at, decode(row, i, col)?),
+    }
+    Ok(())
+}
+
 /// SQLSTATE class 23 (integrity constraint) and P0001 (an exception raised by a business-rule
 /// trigger) are the event's fault; class 22 (data exception) is a bad value; the rest aborts.
 fn classify(e: sqlx::Error) -> WriteError {
@@ -647,7 +660,7 @@ impl ApplyTx for PgApplyTx {
 // ---------------------------------------------------------------------------------------------
 // Reading the change feed
 
-use super::feed::{FeedRow, PageQuery, Param};
+use super::feed::{FeedRow, PageQuery, Param, put_text, put_value};
 
 fn bind_params<'q>(
     mut q: sqlx::query::Query<'q, Postgres, <Postgres as sqlx::Database>::Arguments>,
@@ -676,20 +689,22 @@ impl super::FeedBackend for PgStore {
     async fn feed_page(&self, table: &Table, query: PageQuery) -> Result<Vec<FeedRow>, StoreError> {
         use tokio_stream::StreamExt as _;
         // PostgreSQL's page queries read their versions themselves (`scanned_versions` is SQLite's).
-        let PageQuery { sql, params, versions: _ } = query;
+        let mut out = query.rows();
+        let PageQuery { sql, params, mut spare, .. } = query;
         // Each row is decoded as it arrives, while PostgreSQL is still sending the rest: decoding
         // after the last row would leave the database idle until the next page is asked for.
         let query = bind_params(sqlx::query(AssertSqlSafe(sql)), params);
         let mut rows = query.fetch(&self.pool);
-        let mut out = Vec::new();
         while let Some(row) = rows.next().await {
             let row = row?;
             let in_scope = row.try_get::<bool, _>(2)?;
             let values = if in_scope {
-                let mut values = Vec::with_capacity(table.columns.len());
+                let width = table.columns.len();
+                let mut values = spare.take(width);
                 for (i, col) in table.columns.iter().enumerate() {
-                    values.push(decode(&row, 3 + i, col)?);
+                    decode_into(&row, 3 + i, col, &mut values, i)?;
                 }
+                values.truncate(width);
                 Some(values)
             } else {
                 None

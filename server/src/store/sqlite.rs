@@ -360,6 +360,33 @@ fn read_value(row: &rusqlite::Row<'_>, i: usize, ty: ColumnType) -> Result<Value
     })
 }
 
+/// Reads column `i` of `row` as the schema types it into value `at` of `values` (see
+/// [`put_value`]): a text goes into the buffer of the text there, if there is one.
+fn read_value_into(
+    row: &rusqlite::Row<'_>,
+    i: usize,
+    ty: ColumnType,
+    values: &mut Vec<Value>,
+    at: usize,
+) -> Result<(), rusqlite::Error> {
+    if ty != ColumnType::Text {
+        put_value(values, at, read_value(row, i, ty)?);
+        return Ok(());
+    }
+    match row.get_ref(i)? {
+        rusqlite::types::ValueRef::Null => put_value(values, at, Value::Null),
+        rusqlite::types::ValueRef::Text(bytes) => {
+            let text = std::str::from_utf8(bytes).map_err(|e| rusqlite::Error::Utf8Error(i, e))?;
+            put_text(values, at, text);
+        }
+        other => {
+            let name = row.as_ref().column_name(i).map_or_else(|_| i.to_string(), str::to_string);
+            return Err(rusqlite::Error::InvalidColumnType(i, name, other.data_type()));
+        }
+    }
+    Ok(())
+}
+
 /// Sorts a failed write: the database refused the row (a constraint, including a trigger's
 /// `RAISE(ABORT, …)`), or the value (type, size), or something else went wrong.
 fn classify(e: rusqlite::Error) -> WriteError {
@@ -607,7 +634,7 @@ impl ApplyTx for SqliteApplyTx {
 // ---------------------------------------------------------------------------------------------
 // Reading the change feed
 
-use super::feed::{FeedRow, PageQuery, Param, VersionMerge};
+use super::feed::{FeedRow, PageQuery, Param, VersionMerge, put_text, put_value};
 
 fn bind_params<'q>(
     mut q: sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>,
@@ -655,23 +682,24 @@ impl super::FeedBackend for SqliteStore {
     async fn feed_page(&self, table: &Table, query: PageQuery) -> Result<Vec<FeedRow>, StoreError> {
         let types: Vec<ColumnType> = table.columns.iter().map(|c| c.ty).collect();
         let table = table.clone();
-        let PageQuery { sql, params, versions } = query;
         self.readers
             .run(move |conn| {
+                let mut out = query.rows();
+                let PageQuery { sql, params, versions, mut spare, .. } = query;
                 let mut stmt = conn.prepare_cached(&sql)?;
                 let params = params.iter().map(|p| match p {
                     Param::Int(i) => rusqlite::types::Value::Integer(*i),
                     Param::Text(t) => rusqlite::types::Value::Text(t.clone()),
                 });
                 let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-                let mut out = Vec::new();
                 while let Some(row) = rows.next()? {
                     let in_scope = row.get::<_, i64>(2)? != 0;
                     let values = if in_scope {
-                        let mut values = Vec::with_capacity(types.len());
+                        let mut values = spare.take(types.len());
                         for (i, ty) in types.iter().enumerate() {
-                            values.push(read_value(row, 3 + i, *ty)?);
+                            read_value_into(row, 3 + i, *ty, &mut values, i)?;
                         }
+                        values.truncate(types.len());
                         Some(values)
                     } else {
                         None
@@ -814,7 +842,8 @@ mod tests {
         // Pages of two rows, so that a page starts after a key and ends before the last.
         let (mut got, mut after) = (Vec::new(), String::new());
         loop {
-            let rows = store.feed_page(&file.schema, &NoClaims, customer, range, &after, 2).await.unwrap();
+            let rows =
+                store.feed_page(&file.schema, &NoClaims, customer, range, &after, 2, Default::default()).await.unwrap();
             for row in &rows {
                 let Some(Value::Integer(id)) = row.values.as_ref().map(|v| v[0].clone()) else { panic!("{row:?}") };
                 got.push((id, row.version));
