@@ -87,8 +87,10 @@ impl<T: AsValueView + ?Sized> AsValueView for &T {
     }
 }
 
-/// A [`ChangePage`] read in place (postcard only; see the module documentation).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A [`ChangePage`] read in place (postcard only; see the module documentation). `Yokeable`, so
+/// a view can travel with the message it borrows from (`yoke::Yoke`): a device reads a page
+/// once, on arrival, and its apply uses that reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, yoke::Yokeable)]
 pub struct ChangePageView<'a> {
     /// See [`ChangePage::full`].
     pub full: bool,

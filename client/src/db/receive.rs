@@ -167,7 +167,7 @@ pub fn stage_page(staging: &StagingFile, receive: &mut InProgress, page: &Arrive
     let now = std::time::Instant::now();
     let sync = now.duration_since(receive.synced_at) >= STAGED_SYNC_INTERVAL;
     let staged = &mut receive.staged;
-    staged.end = staging.append(&receive.id, staged.end, mark, &page.body, sync)?;
+    staged.end = staging.append(&receive.id, staged.end, mark, page.body(), sync)?;
     match sync {
         true => receive.synced(now),
         false => receive.unsynced = true,
@@ -357,14 +357,19 @@ impl<'c> ApplySession<'c> {
         }
     }
 
-    /// Applies one page, given as the postcard message it arrived as.
+    /// Applies one page, given as the postcard message it arrived as (a staged page).
     pub fn page(&mut self, body: &[u8]) -> Result<()> {
         let n = self.stats.pages + 1;
         let page: ChangePageView<'_> = Encoding::Postcard
             .decode(body, DEFAULT_MAX_MESSAGE_BYTES.saturating_mul(4))
             .map_err(|e| Error::Corrupt(format!("staged page {n}: {e}")))?;
-        self.applier.page(&page, &mut self.stats)?;
-        self.stats.pages = n;
+        self.page_view(&page)
+    }
+
+    /// Applies one page already read (a page that just arrived, see [`ArrivedPage::view`]).
+    pub fn page_view(&mut self, page: &ChangePageView<'_>) -> Result<()> {
+        self.applier.page(page, &mut self.stats)?;
+        self.stats.pages += 1;
         Ok(())
     }
 
@@ -539,14 +544,14 @@ mod tests {
     use super::*;
 
     fn page(n: u64, last: bool) -> ArrivedPage {
-        ArrivedPage {
-            body: format!("page {n}").into_bytes(),
+        let page = ferry_protocol::ChangePage {
             full: true,
-            last,
+            upserts: Vec::new(),
+            removals: Vec::new(),
             next: Cursor(format!("p.{n}")),
-            rows: 1,
-            flaw: None,
-        }
+            last,
+        };
+        ArrivedPage::from_page(&page).unwrap()
     }
 
     /// Pages staged within the sync interval stay unsynced until the interval passes or the

@@ -275,7 +275,7 @@ fn apply_beside<'c>(
         );
     }
     let Some(Some(o)) = open.as_mut() else { return };
-    if let Err(e) = o.session.page(&page.body) {
+    if let Err(e) = o.session.page_view(page.view()) {
         tracing::debug!(error = %e, "the overlapped apply stops; the staged pages apply at the end");
         *open = Some(None);
         return;

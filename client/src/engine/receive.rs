@@ -8,10 +8,13 @@
 //! transaction. A transport failure re-asks the same page after a backoff; `cursor_expired`
 //! restarts the receive in full from the empty cursor (once).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_protocol::codec::DEFAULT_MAX_MESSAGE_BYTES;
 use ferry_protocol::{ChangePage, ChangePageView, CodecError, Cursor, Encoding, ErrorBody, ErrorCode};
+
+use yoke::Yoke;
 
 use crate::engine::send::RetryPolicy;
 use crate::error::Error;
@@ -62,13 +65,14 @@ pub struct ApplyStats {
     pub overlapped: bool,
 }
 
-/// A page as it arrived: its postcard message, kept as received (it is staged verbatim and
-/// read in place at the apply, see [`ChangePageView`]), and what the machine needs to know of it.
+/// A page as it arrived: its postcard message, kept as received (it is staged verbatim), read in
+/// place once on arrival (a [`ChangePageView`] borrowing from it, which the apply beside the
+/// download uses as it is), and what the machine needs to know of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArrivedPage {
-    /// The page, postcard-encoded and framed with the protocol version
-    /// (as [`Encoding::encode`] writes it).
-    pub body: Vec<u8>,
+    /// The page, postcard-encoded and framed with the protocol version (as [`Encoding::encode`]
+    /// writes it), and its view.
+    message: Yoke<ChangePageView<'static>, Arc<Vec<u8>>>,
     /// See [`ChangePage::full`].
     pub full: bool,
     /// See [`ChangePage::last`].
@@ -86,15 +90,27 @@ impl ArrivedPage {
     /// A page that arrived as a postcard message: read in place once to check it and to count
     /// its rows (no value is copied out of it).
     pub fn from_postcard(body: Vec<u8>) -> Result<Self, CodecError> {
-        let view: ChangePageView<'_> = Encoding::Postcard.decode(&body, DEFAULT_MAX_MESSAGE_BYTES)?;
+        let message: Yoke<ChangePageView<'static>, Arc<Vec<u8>>> = Yoke::try_attach_to_cart(Arc::new(body), |bytes| {
+            Encoding::Postcard.decode::<ChangePageView<'_>>(bytes, DEFAULT_MAX_MESSAGE_BYTES)
+        })?;
+        let view = message.get();
         let rows = view.upserts.iter().map(|t| t.rows.len() as u64).sum::<u64>() + view.removals.len() as u64;
         let flaw =
             view.upserts.iter().find(|t| t.versions.len() != t.rows.len()).map(|t| {
                 format!("page for table {} has {} rows but {} versions", t.table, t.rows.len(), t.versions.len())
             });
         let (full, last, next) = (view.full, view.last, view.next.clone());
-        drop(view);
-        Ok(ArrivedPage { body, full, last, next, rows, flaw })
+        Ok(ArrivedPage { message, full, last, next, rows, flaw })
+    }
+
+    /// The page's postcard message, as it arrived.
+    pub fn body(&self) -> &[u8] {
+        self.message.backing_cart()
+    }
+
+    /// The page, as read on arrival.
+    pub fn view(&self) -> &ChangePageView<'_> {
+        self.message.get()
     }
 
     /// A page that arrived in another encoding (or was built in memory), encoded as postcard.
@@ -520,6 +536,26 @@ mod tests {
         assert!(!o.keeps_lock(ms(1001), ms(1000), false));
         assert!(!o.keeps_lock(ms(0), ms(1000), true), "a waiting write always gets the lock");
         assert!(!Overlap { enabled: false, ..o }.keeps_lock(ms(0), ms(0), false));
+    }
+
+    /// A page is read once, on arrival: its view is the page, and its message stays the bytes
+    /// that arrived (they are what gets staged).
+    #[test]
+    fn an_arrived_page_keeps_its_message_and_the_view_read_from_it() {
+        let owned = owned_page("c9", true, true, 3);
+        let message = Encoding::Postcard.encode(&owned).unwrap();
+        let page = ArrivedPage::from_postcard(message.clone()).unwrap();
+        assert_eq!(page.body(), &message[..]);
+        let reread: ChangePageView<'_> = Encoding::Postcard.decode(&message, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+        assert_eq!(page.view(), &reread);
+        assert_eq!(
+            (page.rows, page.last, page.full, &page.next),
+            (3 + 1, true, true, &Cursor("c9".into())),
+            "3 upserts, 1 removal"
+        );
+        let copy = page.clone();
+        assert_eq!(copy.view(), page.view(), "a copy shares the message and its reading");
+        assert!(ArrivedPage::from_postcard(message[..message.len() - 1].to_vec()).is_err(), "a cut page is refused");
     }
 
     #[test]
