@@ -378,26 +378,6 @@ backend_tests! {
         assert!(Encoding::Json.decode::<ErrorBody>(&body, 1 << 20).is_ok());
     }
 
-    async fn a_stream_s_first_page_is_short_and_the_next_ones_are_full(backend) {
-        let Some(h) = harness(backend).await else { return };
-        let rows: Vec<String> = (3..1600).map(|i| format!("({i}, 'customer {i}')")).collect();
-        h.sql(&format!("INSERT INTO customer (id, name) VALUES {}", rows.join(", "))).await;
-        let (_, body) = h.stream("/v1/changes?limit=1000&pages=3", false).await;
-        let mut frames = codec::FrameReader::new(1 << 26);
-        frames.push(&body);
-        let mut sizes = Vec::new();
-        while let Some(frame) = frames.next_frame().unwrap() {
-            let page: ChangePage = Encoding::Postcard.decode(frame, 1 << 26).unwrap();
-            sizes.push(page.upserts.iter().map(|t| t.rows.len()).sum::<usize>());
-        }
-        // Read before the answer starts, the first page is short so that it arrives sooner.
-        assert_eq!(sizes[..2], [500, 1000], "{sizes:?}");
-        let (status, body) = h.get("alice", "/v1/changes?limit=1000").await;
-        assert_eq!(status, StatusCode::OK);
-        let page: ChangePage = Encoding::Postcard.decode(&body, 1 << 26).unwrap();
-        assert_eq!(page.upserts.iter().map(|t| t.rows.len()).sum::<usize>(), 1000, "a page asked alone is full");
-    }
-
     async fn compaction_drops_old_tombstones_and_sends_older_cursors_to_a_full_receive(backend) {
         let Some(h) = harness(backend).await else { return };
         let (mut copy, mut cursor) = (Copy::new(), Cursor::start());

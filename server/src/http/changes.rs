@@ -43,9 +43,6 @@ struct Params {
     pages: Option<usize>,
 }
 
-/// Most rows in the first page of a stream (see [`changes`]).
-const FIRST_STREAMED_PAGE_ROWS: usize = 500;
-
 /// Encoded pages buffered between the page reader and the connection: enough for the next page
 /// to be ready when the connection wants it, few enough to hold little for a slow device.
 const STREAM_BUFFER_PAGES: usize = 2;
@@ -79,11 +76,8 @@ async fn changes(
     // More pages than the server streams in one answer get as many as it does: the device asks
     // again from the last page's `next`, as after any answer that ends early.
     let pages = params.pages.unwrap_or(1).clamp(1, state.limits.max_stream_pages.max(1));
-    // A stream's first page is read before the answer starts: a short one reaches the device
-    // sooner, and the next (full) page is read while it travels and is applied.
-    let first_limit = if pages > 1 { limit.min(FIRST_STREAMED_PAGE_ROWS) } else { limit };
     let page =
-        feed::page(&state.store, &state.schema.schema, &user, &params.cursor, first_limit, state.limits.max_page_bytes)
+        feed::page(&state.store, &state.schema.schema, &user, &params.cursor, limit, state.limits.max_page_bytes)
             .await?;
     count_rows(&page);
     if pages == 1 {
