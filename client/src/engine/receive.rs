@@ -22,20 +22,24 @@ use crate::error::Error;
 /// When a receive's apply, running beside its download in one transaction held across pages
 /// (see [`crate::db::writer`]), gives the device's write lock up and leaves the pages to be
 /// applied together at the end: when a write waits for the lock, or when it has waited for
-/// pages longer than it has worked applying them (and longer than `min_idle`). So the lock is
-/// held at most about twice as long as the apply alone takes (plus `min_idle`), and over a slow
-/// network not at all past the first pages.
+/// pages more than `idle_per_work` times as long as it has worked applying them (and longer
+/// than `min_idle`). So the lock is held at most about `idle_per_work + 1` times as long as the
+/// apply alone takes (plus `min_idle`), and over a slow network not at all past the first pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overlap {
     /// Whether pages are applied as they arrive at all.
     pub enabled: bool,
     /// Waiting for pages this long is always allowed.
     pub min_idle: Duration,
+    /// How many times as long as it has worked the apply may have waited for pages (default 3:
+    /// a server that reads pages a third as fast as the device applies them still has them
+    /// applied beside the download, instead of the whole apply after it).
+    pub idle_per_work: u32,
 }
 
 impl Default for Overlap {
     fn default() -> Self {
-        Overlap { enabled: true, min_idle: Duration::from_millis(250) }
+        Overlap { enabled: true, min_idle: Duration::from_millis(250), idle_per_work: 3 }
     }
 }
 
@@ -43,7 +47,8 @@ impl Overlap {
     /// Whether the apply keeps the lock, having waited `idle` for pages and worked `worked` on
     /// them since it began; `writer_waiting`: a write has waited for the lock since then.
     pub fn keeps_lock(&self, idle: Duration, worked: Duration, writer_waiting: bool) -> bool {
-        self.enabled && !writer_waiting && idle <= worked.max(self.min_idle)
+        let allowed = worked.saturating_mul(self.idle_per_work).max(self.min_idle);
+        self.enabled && !writer_waiting && idle <= allowed
     }
 }
 
@@ -532,8 +537,10 @@ mod tests {
         assert!(o.keeps_lock(ms(0), ms(0), false));
         assert!(o.keeps_lock(ms(250), ms(10), false), "a short wait is always allowed");
         assert!(!o.keeps_lock(ms(251), ms(10), false), "a slow network: the pages come slower than they apply");
-        assert!(o.keeps_lock(ms(900), ms(1000), false), "waiting no longer than working");
-        assert!(!o.keeps_lock(ms(1001), ms(1000), false));
+        assert!(o.keeps_lock(ms(2900), ms(1000), false), "waiting up to three times as long as working");
+        assert!(o.keeps_lock(ms(3000), ms(1000), false));
+        assert!(!o.keeps_lock(ms(3001), ms(1000), false));
+        assert!(!Overlap { idle_per_work: 1, ..o }.keeps_lock(ms(1001), ms(1000), false));
         assert!(!o.keeps_lock(ms(0), ms(1000), true), "a waiting write always gets the lock");
         assert!(!Overlap { enabled: false, ..o }.keeps_lock(ms(0), ms(0), false));
     }

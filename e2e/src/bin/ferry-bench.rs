@@ -716,7 +716,7 @@ impl Bench {
         let mut peaks = Peaks::new(&served.server);
         let name = db.name();
         let (mut recvs, mut dev_mem, mut srv_mem, mut bases) = (vec![], vec![], vec![], vec![]);
-        let (mut dev_cpu, mut srv_cpu) = (vec![], vec![]);
+        let (mut dev_cpu, mut srv_cpu, mut overlapped) = (vec![], vec![], vec![]);
         let mut last = None;
         for _ in 0..runs {
             let client = self.device(&served).await?;
@@ -728,6 +728,7 @@ impl Bench {
             let (dc, sc) = peaks.cpu();
             ensure!(report.rows_upserted == n, "received {} of {n} rows: {report:?}", report.rows_upserted);
             recvs.push(n as f64 / secs);
+            overlapped.push(if report.overlapped { 1.0 } else { 0.0 });
             dev_cpu.push(dc * 1e6 / n as f64);
             srv_cpu.push(sc * 1e6 / n as f64);
             dev_mem.push(d);
@@ -761,6 +762,13 @@ impl Bench {
             }
             self.report.ratio(&format!("recv-ratio-{name}"), Goal::AtLeast(0.5), &recvs, &bases, "recv ÷ baseline");
         }
+        self.report.add(
+            format!("recv-overlapped-{name}-{size}"),
+            "×",
+            Goal::Report,
+            overlapped,
+            "1 when the first receive() applied its pages beside the download, 0 when it gave the lock up and applied them after",
+        );
         self.report.add(
             format!("cpu-device-recv-{name}-{size}"),
             "µs/row",

@@ -146,21 +146,10 @@ fn value_size(v: &Value) -> usize {
     }
 }
 
-/// Serves one page of at most `max_rows` rows (and about `max_bytes` bytes).
+/// Serves one page of at most `max_rows` rows (and about `max_bytes` bytes), reading its rows
+/// into `spare`'s vectors (those of pages sent before, see [`SpareRows`]; none for a page
+/// asked alone).
 pub async fn page(
-    store: &Store,
-    schema: &Schema,
-    claims: &dyn ClaimSource,
-    cursor: &str,
-    max_rows: usize,
-    max_bytes: usize,
-) -> Result<ChangePage, FeedError> {
-    page_into(store, schema, claims, cursor, max_rows, max_bytes, SpareRows::default()).await
-}
-
-/// [`page`], reading the page's rows into `spare`'s vectors (those of pages sent before, see
-/// [`SpareRows`]).
-pub async fn page_into(
     store: &Store,
     schema: &Schema,
     claims: &dyn ClaimSource,

@@ -76,9 +76,8 @@ async fn changes(
     // More pages than the server streams in one answer get as many as it does: the device asks
     // again from the last page's `next`, as after any answer that ends early.
     let pages = params.pages.unwrap_or(1).clamp(1, state.limits.max_stream_pages.max(1));
-    let page =
-        feed::page(&state.store, &state.schema.schema, &user, &params.cursor, limit, state.limits.max_page_bytes)
-            .await?;
+    let (schema, max_bytes) = (&state.schema.schema, state.limits.max_page_bytes);
+    let page = feed::page(&state.store, schema, &user, &params.cursor, limit, max_bytes, SpareRows::default()).await?;
     count_rows(&page);
     if pages == 1 {
         return Ok(Reply(encoding, page).into_response());
@@ -197,7 +196,7 @@ async fn read_pages(
     let (schema, max_bytes) = (&state.schema.schema, state.limits.max_page_bytes);
     for _ in 0..count {
         let rows = std::mem::take(&mut *spare.lock().unwrap_or_else(|e| e.into_inner()));
-        let page = feed::page_into(&state.store, schema, &user, &cursor.0, limit, max_bytes, rows).await;
+        let page = feed::page(&state.store, schema, &user, &cursor.0, limit, max_bytes, rows).await;
         let next = match &page {
             Ok(page) if !page.last => Some(page.next.clone()),
             _ => None,
