@@ -68,8 +68,9 @@ pub struct ClientConfig {
     /// streams at most its own `--max-stream-pages` (default 64) whatever is asked.
     pub pages_per_request: u32,
     /// Whether and how long a receive applies its pages as they arrive, in one transaction held
-    /// across them (default: while the download keeps pace and no write on this client's
-    /// connection waits for the lock; see [`engine::receive::Overlap`]). Disabled, pages are staged, then applied
+    /// across them (default: while the writer waits for pages at most three times as long as it
+    /// works on them and no write on this client's connection waits for the lock; see
+    /// [`engine::receive::Overlap`]). Disabled, pages are staged, then applied
     /// together after the last one. Either way nothing is visible before the whole receive
     /// commits.
     pub overlap: engine::receive::Overlap,
