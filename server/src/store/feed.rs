@@ -56,9 +56,9 @@ const MAX_RESERVED_ROWS: usize = 8192;
 
 /// Value vectors of rows already sent, for the next rows read to be written into: a page stream
 /// hands each page's rows back once the page is encoded (see `http::changes`), so the pages
-/// after the first allocate nothing per row, texts included ([`put_text`]), and the page's
-/// memory is not freed by another thread than the one that allocated it (each page is read on
-/// one thread and encoded on another: glibc's allocator then takes its slow paths for both).
+/// after the first neither allocate nor free anything per row, texts included ([`put_text`]).
+/// Each page is read on one thread and encoded on another: rows allocated by one and freed by
+/// the other sent glibc's allocator down its slow paths on both.
 #[derive(Debug, Default)]
 pub struct SpareRows(Vec<Vec<Value>>);
 
