@@ -267,6 +267,7 @@ backend_tests! {
         h.sql("INSERT INTO cell (x, y) VALUES (1, 1), (2, 2)").await;
         h.sql("INSERT INTO word (w, owner) VALUES ('1', 'alice'), ('[2]', 'alice')").await;
         h.sql("INSERT INTO item (id, label) VALUES (-7, 'a'), (1, 'b'), (2, 'c'), (30, 'd')").await;
+        h.sql(&format!("INSERT INTO item (id, label) VALUES ({}, 'min'), ({}, 'max')", i64::MIN, i64::MAX)).await;
         // Entries of removed rows among them (PostgreSQL merges the rows with these entries).
         h.sql("INSERT INTO item (id, label) VALUES (3, 'gone'), (4, 'gone'), (-8, 'gone')").await;
         h.sql("DELETE FROM item WHERE label = 'gone'").await;
@@ -287,11 +288,25 @@ backend_tests! {
                 checked += 1;
             }
         }
-        assert!(checked >= 8, "every integer-keyed row was served: {checked}");
+        assert!(checked >= 10, "every integer-keyed row was served: {checked}");
         if backend == Backend::Postgres {
-            // Each table keyed by one integer has its own index of those integers, long names too.
-            let indexes = "SELECT count(*) FROM pg_indexes WHERE tablename = 'ferry_rows' AND indexname LIKE 'ferry\\_rows\\_key\\_%'";
+            // Each table keyed by one integer has its own index of those integers, long names too,
+            // and the expression indexes of earlier versions are gone.
+            let indexes = "SELECT count(*) FROM pg_indexes WHERE tablename = 'ferry_rows' AND indexname LIKE 'ferry\\_rows\\_int\\_key\\_%'";
             assert_eq!(h.state.store.query_i64(indexes).await.unwrap(), 3);
+            let old = "SELECT count(*) FROM pg_indexes WHERE tablename = 'ferry_rows' AND indexname LIKE 'ferry\\_rows\\_key\\_%'";
+            assert_eq!(h.state.store.query_i64(old).await.unwrap(), 0);
+            // The integer is read off one-integer key texts only; texts that only look like one
+            // (too large for a bigint, or not quite an integer's) are written, with no integer.
+            for odd in ["[99999999999999999999]", "[9223372036854775808]", "[-9223372036854775809]", "[--5]", "[5-]", "[-]", "[]", "[", "[1e5]", "[ 5]"] {
+                h.sql(&format!("INSERT INTO ferry_rows (tbl, pk, version, position) VALUES ('elsewhere', '{odd}', 1, 0)")).await;
+            }
+            let ints = "SELECT count(*) FROM ferry_rows WHERE int_key IS NOT NULL AND pk = '[' || int_key || ']'";
+            let all_ints = "SELECT count(*) FROM ferry_rows WHERE pk ~ '^\\[-?[0-9]+\\]$' AND tbl <> 'elsewhere'";
+            assert_eq!(h.state.store.query_i64(ints).await.unwrap(), h.state.store.query_i64(all_ints).await.unwrap());
+            assert!(h.state.store.query_i64(all_ints).await.unwrap() >= 13, "the integer-keyed entries are counted");
+            let others = "SELECT count(*) FROM ferry_rows WHERE int_key IS NOT NULL AND pk <> '[' || int_key || ']'";
+            assert_eq!(h.state.store.query_i64(others).await.unwrap(), 0);
         }
     }
 

@@ -77,8 +77,8 @@ impl PgStore {
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
             }
             sqlx::raw_sql(AssertSqlSafe(capture_triggers(table))).execute(&mut *tx).await?;
-            if let Some(index) = integer_key_index(table) {
-                sqlx::query(AssertSqlSafe(index)).execute(&mut *tx).await?;
+            for statement in integer_key_index(table).into_iter().flatten() {
+                sqlx::query(AssertSqlSafe(statement)).execute(&mut *tx).await?;
             }
             // Rows written before the trigger existed join the feed at position 0.
             let keys: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
@@ -117,26 +117,29 @@ pub(crate) fn key_text(table: &Table, cols: &[String]) -> String {
     }
 }
 
-/// For a table keyed by one integer: that integer read back from the `ferry_rows` entry at
-/// `alias` (key text `[5]` → 5), NULL for other tables' entries, so no plan can fail to cast one.
+/// For a table keyed by one integer: that integer of the `ferry_rows` entry at `alias`, the
+/// generated column `int_key` (migration 0002: key text `[5]` → 5).
 ///
-/// [`integer_key_index`] indexes this expression, and a row's version is looked up through it
+/// [`integer_key_index`] indexes it per table, and a row's version is looked up through it
 /// ([`super::version_of`]): an integer search costs far less than one through the `(tbl, pk)`
-/// texts, and a snapshot page looks up every row it serves.
+/// texts, and a snapshot page looks up (or merges with) every row it serves.
 pub(crate) fn integer_key(table: &Table, alias: &str) -> Option<String> {
     let [key] = table.primary_key.as_slice() else { return None };
     table.column(key).filter(|c| c.ty == ColumnType::Integer)?;
-    Some(format!(
-        "(CASE WHEN {alias}.tbl = '{name}' THEN substr({alias}.pk, 2, length({alias}.pk) - 2)::bigint END)",
-        name = table.name
-    ))
+    Some(format!("{alias}.int_key"))
 }
 
-/// The partial index of `ferry_rows` on [`integer_key`] for `table`, if it has one integer key.
-fn integer_key_index(table: &Table) -> Option<String> {
-    let key = integer_key(table, "ferry_rows")?;
-    let name = quote(&per_table_name("ferry_rows_key_", &table.name));
-    Some(format!("CREATE INDEX IF NOT EXISTS {name} ON ferry_rows ({key}) WHERE tbl = '{}'", table.name))
+/// The partial index of `ferry_rows` on [`integer_key`] for `table`, if it has one integer key,
+/// and the statement dropping the expression index it replaces (`ferry_rows_key_<table>`, which
+/// parsed the key text on every comparison).
+fn integer_key_index(table: &Table) -> Option<[String; 2]> {
+    integer_key(table, "ferry_rows")?;
+    let name = quote(&per_table_name("ferry_rows_int_key_", &table.name));
+    let replaced = quote(&per_table_name("ferry_rows_key_", &table.name));
+    Some([
+        format!("CREATE INDEX IF NOT EXISTS {name} ON ferry_rows (int_key) WHERE tbl = '{}'", table.name),
+        format!("DROP INDEX IF EXISTS {replaced}"),
+    ])
 }
 
 /// The name of something Ferry makes for one table: `prefix` and the table's name. PostgreSQL
