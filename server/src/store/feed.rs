@@ -412,10 +412,10 @@ fn walks_versions(table: &Table) -> bool {
     matches!(table.scope, Scope::Everyone)
 }
 
-/// For a snapshot page of `table`, the `ferry_rows` key expression (alias `ferry_v`) to join its
-/// rows with, where PostgreSQL walks the versions ([`walks_versions`]) in a merge of the two
-/// indexes from the page's first key on (1000-row page: 1.45 ms against 2.05 ms for 1000
-/// lookups).
+/// For a snapshot page of `table`, the `ferry_rows` integer key column (alias `ferry_v`) to join
+/// its rows with, where PostgreSQL walks the versions ([`walks_versions`]) in a merge of the two
+/// indexes from the page's first key on (a 4000-row page: 1.9 ms; with the key parsed from its
+/// text at each comparison, as before `int_key`, 3.3 ms).
 fn merged_versions(backend: Backend, table: &Table) -> Option<String> {
     if backend != Backend::Postgres || !walks_versions(table) {
         return None;
