@@ -237,6 +237,36 @@ backend_tests! {
         );
     }
 
+    async fn an_inserts_image_shows_the_row_as_the_batch_leaves_it(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let mut gone = update(4, 4, "customer", -2, &[], None);
+        gone.op = Op::Delete;
+        let r = h.send(&h.batch("dev-late", 1, vec![
+            customer(1, 1, -1, "Ada"),
+            // A later local transaction of the same batch changes the row Ada's insert made…
+            update(2, 2, "customer", -1, &[("city", text("Rome"))], None),
+            // …and another deletes the row it inserted.
+            customer(3, 3, -2, "Bea"),
+            gone,
+        ])).await.ok();
+        assert_eq!(codes(&r), ["applied"; 4]);
+        let real = |temp: i64| {
+            r.remaps.iter().find(|m| m.temporary == Key::int(temp)).unwrap().real.clone()
+        };
+        let (ada, bea) = (real(-1), real(-2));
+        let ada_version = h
+            .scalar(&format!("SELECT version FROM ferry_rows WHERE tbl = 'customer' AND pk = '[{}]'", ada.0[0]))
+            .await as u64;
+        // Every image of Ada's row carries the version the batch left it at, and the insert's
+        // (the last one) the city the server now holds, which the device did not send with it.
+        let images: Vec<&RowImage> = r.images.iter().filter(|i| i.table == "customer" && i.key == ada).collect();
+        assert_eq!(images.len(), 2, "{:?}", r.images);
+        assert!(images.iter().all(|i| i.version == ada_version), "{images:?} against version {ada_version}");
+        assert_eq!(images[1].values.get("city"), Some(&text("Rome")));
+        // A row the batch inserted and deleted has no image; its key remap still comes back.
+        assert!(r.images.iter().all(|i| i.key != bea), "{:?}", r.images);
+    }
+
     async fn temporary_keys_are_remapped_across_batches(backend) {
         let Some(h) = harness(backend).await else { return };
         let r1 = h.send(&h.batch("dev-c", 1, vec![customer(1, 1, -1, "Ada")])).await.ok();

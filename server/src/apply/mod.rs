@@ -6,8 +6,8 @@
 //! nothing: one failed event rolls the others back and fails them as dependants. Per event,
 //! inside a savepoint so a failure undoes exactly that event: resolve the table, check access and dependencies, validate values, translate
 //! temporary keys through the durable key map, detect conflicts against the row version, write,
-//! and read back the server's row image. The effects, the key map, the stored result and the
-//! new sequence number commit together.
+//! and read back the server's row image (for inserts, once per table at the end of the batch).
+//! The effects, the key map, the stored result and the new sequence number commit together.
 
 mod values;
 
@@ -127,6 +127,7 @@ pub async fn apply_batch<T: ApplyTx>(
             outcomes.push(EventOutcome { seq: event.seq, outcome });
         }
     }
+    run.read_inserted_images(&mut tx).await?;
     let mappings: Vec<(&str, i64, i64)> =
         run.state.assigned.iter().map(|((table, temp), real)| (table.as_str(), *temp, *real)).collect();
     tx.record_real_keys(&batch.device_id, &mappings).await?;
@@ -177,13 +178,16 @@ fn failure(code: FailureCode, message: impl Into<String>) -> Failure {
 }
 
 #[derive(Default)]
-struct RunState {
+struct RunState<'a> {
     /// Temporary keys assigned in this batch (also recorded in the durable key map).
     assigned: HashMap<(String, i64), i64>,
     /// The keys of `assigned`, in the order they were assigned (to undo a local transaction).
     assigned_order: Vec<(String, i64)>,
     remaps: Vec<KeyRemap>,
     images: Vec<RowImage>,
+    /// Rows inserted by this batch whose images are read at its end (see
+    /// [`Run::read_inserted_images`]).
+    inserted: Vec<InsertedRow<'a>>,
     /// Applied events, written to the apply log once per batch.
     applied: Vec<AppliedEvent>,
     /// Rows this batch's earlier events changed: (table, key) → the device's own writes to it.
@@ -211,15 +215,17 @@ struct Mark {
     assigned: usize,
     remaps: usize,
     images: usize,
+    inserted: usize,
     applied: usize,
 }
 
-impl RunState {
+impl RunState<'_> {
     fn mark(&self) -> Mark {
         Mark {
             assigned: self.assigned_order.len(),
             remaps: self.remaps.len(),
             images: self.images.len(),
+            inserted: self.inserted.len(),
             applied: self.applied.len(),
         }
     }
@@ -231,6 +237,7 @@ impl RunState {
         }
         self.remaps.truncate(mark.remaps);
         self.images.truncate(mark.images);
+        self.inserted.truncate(mark.inserted);
         self.applied.truncate(mark.applied);
     }
 }
@@ -238,7 +245,7 @@ impl RunState {
 struct Run<'a> {
     schema: &'a Schema,
     device_id: &'a str,
-    state: RunState,
+    state: RunState<'a>,
     /// Where referenced blobs must be complete; `None` (no blob store): every reference is missing.
     blobs: Option<&'a crate::blobs::Blobs>,
     /// The user's token claims: scopes decide which rows they may write (R15).
@@ -378,13 +385,14 @@ impl<'a> Run<'a> {
     }
 
     /// Writes the pending inserts with as few statements as possible, then records what each
-    /// produced: the key remap of a temporary key, the row image and the apply-log entry.
+    /// produced: the key remap of a temporary key and the apply-log entry. The row's image is
+    /// read at the end of the batch ([`Run::read_inserted_images`]).
     async fn write_pending<T: ApplyTx>(&mut self, tx: &mut T) -> Result<(), WriteError> {
         let Some(mut pending) = self.pending.take() else { return Ok(()) };
         let table = pending.table;
         let rows: Vec<Vec<Value>> = pending.rows.iter_mut().map(|r| std::mem::take(&mut r.values)).collect();
         let keys = tx.insert_rows(table, &pending.columns, &rows).await?;
-        for (row, key) in pending.rows.iter().zip(&keys) {
+        for ((mut row, values), key) in pending.rows.into_iter().zip(rows).zip(keys) {
             if let (Some(temp), Some(real)) = (row.temporary, key.0.first().and_then(Value::as_integer)) {
                 self.state.assigned.insert((table.name.clone(), temp), real);
                 self.state.assigned_order.push((table.name.clone(), temp));
@@ -392,15 +400,38 @@ impl<'a> Run<'a> {
                     KeyRemap { table: table.name.clone(), temporary: row.device_key.clone(), real: key.clone() };
                 self.state.remaps.push(remap);
             }
-        }
-        let images = tx.read_rows(table, &keys).await?;
-        for (((row, sent), key), image) in pending.rows.iter().zip(&rows).zip(keys).zip(images) {
-            if let Some((values, version)) = image {
-                let values = computed_by_server(table, row, sent, values);
-                self.state.images.push(RowImage { table: table.name.clone(), key, version, values });
-            }
             let applied = AppliedEvent { seq: row.seq, table: table.name.clone(), op: Op::Insert.as_str() };
             self.state.applied.push(applied);
+            row.values = values;
+            self.state.inserted.push(InsertedRow { table, key, sent: row });
+        }
+        Ok(())
+    }
+
+    /// Reads the images of the rows this batch inserted, one statement for each run of rows of
+    /// one table (more if the parameter limit needs), and appends them to the batch's images (R7).
+    ///
+    /// Read at the end of the batch rather than after each write, an image shows the row as the
+    /// batch leaves it: a later event of the batch that changed it has its own image before this
+    /// one, which the device applies last, and a row a later event deleted has none.
+    async fn read_inserted_images<T: ApplyTx>(&mut self, tx: &mut T) -> Result<(), StoreError> {
+        let inserted = std::mem::take(&mut self.state.inserted);
+        // Images keep the order of the inserts: each run of rows of one table is read together.
+        for rows in inserted.chunk_by(|a, b| a.table.name == b.table.name) {
+            let table = rows[0].table;
+            let keys: Vec<Key> = rows.iter().map(|r| r.key.clone()).collect();
+            let images = tx.read_rows(table, &keys).await?;
+            for (row, image) in rows.iter().zip(images) {
+                if let Some((values, version)) = image {
+                    let values = computed_by_server(table, &row.sent, values);
+                    self.state.images.push(RowImage {
+                        table: table.name.clone(),
+                        key: row.key.clone(),
+                        version,
+                        values,
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -785,6 +816,15 @@ struct PendingInserts<'a> {
     rows: Vec<PendingRow<'a>>,
 }
 
+/// A row this batch inserted, waiting for its image to be read.
+struct InsertedRow<'a> {
+    table: &'a Table,
+    /// The key the row was stored with.
+    key: Key,
+    /// The insert as it was written.
+    sent: PendingRow<'a>,
+}
+
 /// One insert waiting in [`PendingInserts`].
 struct PendingRow<'a> {
     seq: u64,
@@ -823,7 +863,7 @@ impl<'a> PendingRow<'a> {
 /// device sent (defaults, values set by triggers, translated keys, normalized values). The
 /// device already holds the rest, and the key travels in the image's `key`, so a plain insert's
 /// image is just its key and version (R7 without echoing every value back).
-fn computed_by_server(table: &Table, sent: &PendingRow<'_>, sent_values: &[Value], mut stored: Row) -> Row {
+fn computed_by_server(table: &Table, sent: &PendingRow<'_>, mut stored: Row) -> Row {
     stored.retain(|column, value| {
         if table.primary_key.contains(column) {
             return false;
@@ -832,7 +872,7 @@ fn computed_by_server(table: &Table, sent: &PendingRow<'_>, sent_values: &[Value
             return true;
         }
         match sent.columns.iter().position(|c| &c.name == column) {
-            Some(i) => sent_values.get(i) != Some(value),
+            Some(i) => sent.values.get(i) != Some(value),
             None => true,
         }
     });

@@ -371,14 +371,47 @@ impl ColumnArray {
 
 /// One batch transaction on PostgreSQL. The device row is locked `FOR UPDATE`, so two requests
 /// for one device — even on two server processes — apply one after the other.
+///
+/// A savepoint the engine releases is released lazily: its `RELEASE` is sent with the next
+/// savepoint statement, in one round trip, or on its own before any other statement. A batch of
+/// many local transactions thus pays one round trip between two of them instead of two, and
+/// `COMMIT` releases whatever is left.
 pub struct PgApplyTx {
     tx: sqlx::Transaction<'static, Postgres>,
+    /// Savepoints released by the engine that PostgreSQL has not been told of yet, in order.
+    unreleased: Vec<Savepoint>,
 }
 
 impl PgStore {
     /// Starts a batch transaction.
     pub async fn begin_apply(&self) -> Result<PgApplyTx, StoreError> {
-        Ok(PgApplyTx { tx: self.pool.begin().await? })
+        Ok(PgApplyTx { tx: self.pool.begin().await?, unreleased: Vec::new() })
+    }
+}
+
+impl PgApplyTx {
+    /// The transaction's connection, once the savepoints released lazily are released on it.
+    async fn conn(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+        if !self.unreleased.is_empty() {
+            let sql = self.with_releases(String::new());
+            sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *self.tx).await?;
+        }
+        Ok(&mut *self.tx)
+    }
+
+    /// Runs the savepoint statements `sql` after the lazily released savepoints' `RELEASE`s, in
+    /// one round trip (the simple protocol takes several statements in one message).
+    async fn savepoint_statements(&mut self, sql: String) -> Result<(), StoreError> {
+        let sql = self.with_releases(sql);
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    /// `sql` preceded by the `RELEASE` of each lazily released savepoint (which are then gone).
+    fn with_releases(&mut self, sql: String) -> String {
+        let mut all: String = self.unreleased.drain(..).map(|s| format!("RELEASE SAVEPOINT {}; ", s.name())).collect();
+        all.push_str(&sql);
+        all
     }
 }
 
@@ -442,15 +475,15 @@ impl ApplyTx for PgApplyTx {
         const LOCK: &str = "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices
              WHERE device_id = $1 FOR UPDATE";
         // A known device (every batch but its first) costs one statement.
-        let row = match sqlx::query(LOCK).bind(device_id).fetch_optional(&mut *self.tx).await? {
+        let row = match sqlx::query(LOCK).bind(device_id).fetch_optional(self.conn().await?).await? {
             Some(row) => row,
             None => {
                 sqlx::query("INSERT INTO ferry_devices (device_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                     .bind(device_id)
                     .bind(user_id)
-                    .execute(&mut *self.tx)
+                    .execute(self.conn().await?)
                     .await?;
-                sqlx::query(LOCK).bind(device_id).fetch_one(&mut *self.tx).await?
+                sqlx::query(LOCK).bind(device_id).fetch_one(self.conn().await?).await?
             }
         };
         let digest: Option<Vec<u8>> = row.try_get(2)?;
@@ -472,7 +505,7 @@ impl ApplyTx for PgApplyTx {
         .bind(r.last_digest.map(|d| d.to_vec()))
         .bind(r.last_result.clone())
         .bind(&r.device_id)
-        .execute(&mut *self.tx)
+        .execute(self.conn().await?)
         .await?;
         Ok(())
     }
@@ -482,19 +515,17 @@ impl ApplyTx for PgApplyTx {
     }
 
     async fn savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!("SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
-        Ok(())
+        self.savepoint_statements(format!("SAVEPOINT {}", name.name())).await
     }
 
     async fn release_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!("RELEASE SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
+        self.unreleased.push(name);
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self, name: Savepoint) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!("ROLLBACK TO SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
-        sqlx::query(AssertSqlSafe(format!("RELEASE SAVEPOINT {}", name.name()))).execute(&mut *self.tx).await?;
-        Ok(())
+        let name = name.name();
+        self.savepoint_statements(format!("ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}")).await
     }
 
     async fn real_key(&mut self, device_id: &str, table: &str, temporary: i64) -> Result<Option<i64>, StoreError> {
@@ -502,7 +533,7 @@ impl ApplyTx for PgApplyTx {
             .bind(device_id)
             .bind(table)
             .bind(temporary)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.conn().await?)
             .await?)
     }
 
@@ -526,11 +557,11 @@ impl ApplyTx for PgApplyTx {
             sqlx::query(sql).bind(device_id).bind(&tables[..]).bind(&temporaries[..]).bind(&reals[..])
         };
         self.savepoint(Savepoint::Retry).await?;
-        match write(INSERT).execute(&mut *self.tx).await {
+        match write(INSERT).execute(self.conn().await?).await {
             Ok(_) => self.release_savepoint(Savepoint::Retry).await,
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 self.rollback_to_savepoint(Savepoint::Retry).await?;
-                write(UPSERT).execute(&mut *self.tx).await?;
+                write(UPSERT).execute(self.conn().await?).await?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -556,7 +587,7 @@ impl ApplyTx for PgApplyTx {
         };
         let mut returned = Vec::with_capacity(rows.len());
         for q in statements {
-            for row in q.fetch_all(&mut *self.tx).await.map_err(classify)? {
+            for row in q.fetch_all(self.conn().await.map_err(classify)?).await.map_err(classify)? {
                 let mut key = Vec::with_capacity(table.primary_key.len());
                 for (i, name) in table.primary_key.iter().enumerate() {
                     let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
@@ -577,7 +608,7 @@ impl ApplyTx for PgApplyTx {
         for (c, v) in values.iter().cloned().chain(key_columns(table, key)) {
             q = bind(q, c, v);
         }
-        Ok(q.execute(&mut *self.tx).await.map_err(classify)?.rows_affected())
+        Ok(q.execute(self.conn().await.map_err(classify)?).await.map_err(classify)?.rows_affected())
     }
 
     async fn delete(&mut self, table: &Table, key: &Key) -> Result<u64, WriteError> {
@@ -585,7 +616,7 @@ impl ApplyTx for PgApplyTx {
         for (c, v) in key_columns(table, key) {
             q = bind(q, c, v);
         }
-        Ok(q.execute(&mut *self.tx).await.map_err(classify)?.rows_affected())
+        Ok(q.execute(self.conn().await.map_err(classify)?).await.map_err(classify)?.rows_affected())
     }
 
     async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
@@ -604,7 +635,7 @@ impl ApplyTx for PgApplyTx {
             q = array.bind_to(q);
         }
         let mut found = Vec::with_capacity(keys.len());
-        for row in q.fetch_all(&mut *self.tx).await? {
+        for row in q.fetch_all(self.conn().await?).await? {
             let mut values = Row::new();
             for (i, col) in table.columns.iter().enumerate() {
                 values.insert(col.name.clone(), decode(&row, i, col)?);
@@ -633,7 +664,7 @@ impl ApplyTx for PgApplyTx {
         .bind(applied.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
         .bind(applied.iter().map(|e| e.table.as_str()).collect::<Vec<_>>())
         .bind(applied.iter().map(|e| e.op).collect::<Vec<_>>())
-        .execute(&mut *self.tx)
+        .execute(self.conn().await?)
         .await?;
         Ok(())
     }
@@ -650,7 +681,7 @@ impl ApplyTx for PgApplyTx {
             let sql = builder.row_in_scope(table, key);
             (sql, builder.params)
         };
-        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(&mut *self.tx).await?;
+        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(self.conn().await?).await?;
         Ok(row.try_get::<bool, _>(0)?)
     }
 
