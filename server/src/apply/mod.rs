@@ -20,7 +20,7 @@ use ferry_protocol::{
 
 use crate::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks};
 use crate::store::StoreError;
-use crate::store::apply_tx::{AppliedEvent, ApplyTx, Savepoint, WriteError};
+use crate::store::apply_tx::{AppliedEvent, ApplyTx, Savepoint, StoredRow, WriteError};
 use crate::store::feed::ClaimSource;
 
 /// Why a batch as a whole was refused (nothing was applied).
@@ -422,8 +422,9 @@ impl<'a> Run<'a> {
             let keys: Vec<Key> = rows.iter().map(|r| r.key.clone()).collect();
             let images = tx.read_rows(table, &keys).await?;
             for (row, image) in rows.iter().zip(images) {
-                if let Some((values, version)) = image {
-                    let values = computed_by_server(table, &row.sent, values);
+                if let Some(stored) = image {
+                    let values = computed_by_server(table, &row.sent, &stored);
+                    let version = stored.version;
                     self.state.images.push(RowImage {
                         table: table.name.clone(),
                         key: row.key.clone(),
@@ -863,20 +864,22 @@ impl<'a> PendingRow<'a> {
 /// device sent (defaults, values set by triggers, translated keys, normalized values). The
 /// device already holds the rest, and the key travels in the image's `key`, so a plain insert's
 /// image is just its key and version (R7 without echoing every value back).
-fn computed_by_server(table: &Table, sent: &PendingRow<'_>, mut stored: Row) -> Row {
-    stored.retain(|column, value| {
-        if table.primary_key.contains(column) {
-            return false;
+fn computed_by_server(table: &Table, sent: &PendingRow<'_>, stored: &StoredRow) -> Row {
+    let mut image = Row::new();
+    for (column, value) in table.columns.iter().zip(&stored.values) {
+        if table.primary_key.contains(&column.name) {
+            continue;
         }
-        if sent.server_set.contains(&column.as_str()) {
-            return true;
+        let differs = sent.server_set.contains(&column.name.as_str())
+            || match sent.columns.iter().position(|c| c.name == column.name) {
+                Some(i) => sent.values.get(i) != Some(value),
+                None => true,
+            };
+        if differs {
+            image.insert(column.name.clone(), value.clone());
         }
-        match sent.columns.iter().position(|c| &c.name == column) {
-            Some(i) => sent.values.get(i) != Some(value),
-            None => true,
-        }
-    });
-    stored
+    }
+    image
 }
 
 /// How the events of one local transaction went.

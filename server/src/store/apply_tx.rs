@@ -38,6 +38,32 @@ pub enum WriteError {
     Store(#[from] StoreError),
 }
 
+/// A row as the database holds it: its values in the order of the table's columns, and its
+/// change-feed version. Positional, so reading many rows back allocates no column names; a
+/// caller that needs them asks for [`StoredRow::into_row`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    /// One value per column of the table, in the table's order.
+    pub values: Vec<Value>,
+    /// The row's version in the change feed (0 if it has no entry).
+    pub version: u64,
+}
+
+impl StoredRow {
+    /// The values by column name.
+    pub fn into_row(self, table: &Table) -> Row {
+        table.columns.iter().map(|c| c.name.clone()).zip(self.values).collect()
+    }
+
+    /// Whether this is the row with `key`.
+    fn has_key(&self, table: &Table, key: &Key) -> bool {
+        table.primary_key.len() == key.0.len()
+            && table.primary_key.iter().zip(&key.0).all(|(name, value)| {
+                table.columns.iter().position(|c| &c.name == name).and_then(|i| self.values.get(i)) == Some(value)
+            })
+    }
+}
+
 /// One applied event, for the apply log.
 #[derive(Debug, Clone)]
 pub struct AppliedEvent {
@@ -140,19 +166,27 @@ pub trait ApplyTx: Send {
     ) -> impl Future<Output = Result<u64, WriteError>> + Send;
     /// Deletes the row with `key`; returns the number of rows removed (0 or 1).
     fn delete(&mut self, table: &Table, key: &Key) -> impl Future<Output = Result<u64, WriteError>> + Send;
-    /// The row with `key` and its change-feed version, if it exists.
+    /// The row with `key` (by column name) and its change-feed version, if it exists.
     fn read_row(
         &mut self,
         table: &Table,
         key: &Key,
-    ) -> impl Future<Output = Result<Option<(Row, u64)>, StoreError>> + Send;
-    /// The rows with `keys` and their change-feed versions, in the order of `keys` (`None` for
-    /// a row that does not exist), with as few statements as the parameter limit allows.
+    ) -> impl Future<Output = Result<Option<(Row, u64)>, StoreError>> + Send {
+        async move {
+            let stored = self.read_rows(table, std::slice::from_ref(key)).await?.pop().flatten();
+            Ok(stored.map(|s| {
+                let version = s.version;
+                (s.into_row(table), version)
+            }))
+        }
+    }
+    /// The rows with `keys`, in the order of `keys` (`None` for a row that does not exist), with
+    /// as few statements as the parameter limit allows.
     fn read_rows(
         &mut self,
         table: &Table,
         keys: &[Key],
-    ) -> impl Future<Output = Result<Vec<Option<(Row, u64)>>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Option<StoredRow>>, StoreError>> + Send;
 
     /// Whether the row of `table` with `key` exists and is in the scope of the user with `claims`.
     fn row_in_scope(
@@ -304,12 +338,24 @@ pub(crate) fn keys_in_row_order(
     Ok(returned)
 }
 
-/// `found` rows (in any order) matched to `keys`, in the order of `keys`.
-pub(crate) fn rows_in_key_order(table: &Table, keys: &[Key], found: Vec<(Row, u64)>) -> Vec<Option<(Row, u64)>> {
-    let key_of =
-        |row: &Row| Key(table.primary_key.iter().map(|k| row.get(k).cloned().unwrap_or(Value::Null)).collect());
-    let mut by_key: std::collections::HashMap<String, (Row, u64)> =
-        found.into_iter().map(|(row, version)| (key_of(&row).to_string(), (row, version))).collect();
+/// `found` rows (in any order) matched to `keys`, in the order of `keys`. Rows found one per key
+/// in the keys' order, the usual answer, are taken as they are, without a lookup.
+pub(crate) fn rows_in_key_order(table: &Table, keys: &[Key], found: Vec<StoredRow>) -> Vec<Option<StoredRow>> {
+    if found.len() == keys.len() && found.iter().zip(keys).all(|(row, key)| row.has_key(table, key)) {
+        return found.into_iter().map(Some).collect();
+    }
+    let key_of = |row: &StoredRow| {
+        Key(table
+            .primary_key
+            .iter()
+            .map(|k| {
+                let at = table.columns.iter().position(|c| &c.name == k);
+                at.and_then(|i| row.values.get(i)).cloned().unwrap_or(Value::Null)
+            })
+            .collect())
+    };
+    let mut by_key: std::collections::HashMap<String, StoredRow> =
+        found.into_iter().map(|row| (key_of(&row).to_string(), row)).collect();
     let texts: Vec<String> = keys.iter().map(Key::to_string).collect();
     // Each row moves to its key's last position; a key asked for more than once gets copies.
     let last: std::collections::HashMap<&str, usize> = texts.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
@@ -318,4 +364,52 @@ pub(crate) fn rows_in_key_order(table: &Table, keys: &[Key], found: Vec<(Row, u6
         .enumerate()
         .map(|(i, t)| if last.get(t.as_str()) == Some(&i) { by_key.remove(t) } else { by_key.get(t).cloned() })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::Schema;
+
+    fn table() -> Table {
+        let schema = Schema::from_toml(
+            r#"
+            [[table]]
+            name = "t"
+            primary_key = ["id"]
+            columns = [{ name = "name", type = "text" }, { name = "id", type = "integer", nullable = false }]
+            "#,
+        )
+        .unwrap();
+        schema.tables[0].clone()
+    }
+
+    fn stored(id: i64, name: &str) -> StoredRow {
+        StoredRow { values: vec![Value::Text(name.into()), Value::Integer(id)], version: id as u64 }
+    }
+
+    fn ids(rows: &[Option<StoredRow>]) -> Vec<Option<u64>> {
+        rows.iter().map(|r| r.as_ref().map(|r| r.version)).collect()
+    }
+
+    #[test]
+    fn rows_found_in_key_order_are_matched_by_their_key_column_wherever_it_is() {
+        let t = table();
+        let keys = [Key::int(1), Key::int(2), Key::int(3)];
+        let rows = rows_in_key_order(&t, &keys, vec![stored(1, "a"), stored(2, "b"), stored(3, "c")]);
+        assert_eq!(ids(&rows), [Some(1), Some(2), Some(3)]);
+        assert_eq!(rows[1].clone().unwrap().into_row(&t)["name"], Value::Text("b".into()));
+    }
+
+    #[test]
+    fn rows_out_of_order_missing_or_asked_twice_still_land_on_their_keys() {
+        let t = table();
+        let keys = [Key::int(3), Key::int(9), Key::int(1), Key::int(3)];
+        let rows = rows_in_key_order(&t, &keys, vec![stored(1, "a"), stored(3, "c")]);
+        assert_eq!(ids(&rows), [Some(3), None, Some(1), Some(3)]);
+        // As many rows as keys, in another order: not taken positionally.
+        let keys = [Key::int(2), Key::int(1)];
+        let rows = rows_in_key_order(&t, &keys, vec![stored(1, "a"), stored(2, "b")]);
+        assert_eq!(ids(&rows), [Some(2), Some(1)]);
+    }
 }

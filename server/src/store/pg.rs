@@ -247,12 +247,12 @@ pub fn scratch_age(name: &str, now: std::time::Duration) -> Option<std::time::Du
 // ---------------------------------------------------------------------------------------------
 // Applying batches
 
-use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
+use ferry_protocol::{BlobRef, Column, ColumnType, Key, Table, Value};
 use sqlx::Postgres;
 use sqlx::postgres::PgRow;
 
 use super::apply_tx::{
-    AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, key_columns, keys_in_row_order,
+    AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, StoredRow, WriteError, key_columns, keys_in_row_order,
     rows_in_key_order,
 };
 
@@ -619,11 +619,7 @@ impl ApplyTx for PgApplyTx {
         Ok(q.execute(self.conn().await.map_err(classify)?).await.map_err(classify)?.rows_affected())
     }
 
-    async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        Ok(self.read_rows(table, std::slice::from_ref(key)).await?.pop().flatten())
-    }
-
-    async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<(Row, u64)>>, StoreError> {
+    async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<StoredRow>>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -636,12 +632,10 @@ impl ApplyTx for PgApplyTx {
         }
         let mut found = Vec::with_capacity(keys.len());
         for row in q.fetch_all(self.conn().await?).await? {
-            let mut values = Row::new();
-            for (i, col) in table.columns.iter().enumerate() {
-                values.insert(col.name.clone(), decode(&row, i, col)?);
-            }
+            let values =
+                table.columns.iter().enumerate().map(|(i, col)| decode(&row, i, col)).collect::<Result<_, _>>()?;
             let version: Option<i64> = row.try_get(table.columns.len())?;
-            found.push((values, version.unwrap_or(0) as u64));
+            found.push(StoredRow { values, version: version.unwrap_or(0) as u64 });
         }
         Ok(rows_in_key_order(table, keys, found))
     }

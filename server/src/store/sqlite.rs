@@ -236,12 +236,12 @@ END;",
 // ---------------------------------------------------------------------------------------------
 // Applying batches
 
-use ferry_protocol::{BlobRef, Column, ColumnType, Key, Row, Table, Value};
+use ferry_protocol::{BlobRef, Column, ColumnType, Key, Table, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use sqlx::Sqlite;
 
 use super::apply_tx::{
-    APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, WriteError, keys_in_row_order,
+    APPLY_LOG_CHUNK, AppliedEvent, ApplyTx, DeviceRecord, RowSql, Savepoint, StoredRow, WriteError, keys_in_row_order,
     rows_in_key_order, rows_per_statement,
 };
 
@@ -545,11 +545,7 @@ impl ApplyTx for SqliteApplyTx {
         Ok(changed as u64)
     }
 
-    async fn read_row(&mut self, table: &Table, key: &Key) -> Result<Option<(Row, u64)>, StoreError> {
-        Ok(self.read_rows(table, std::slice::from_ref(key)).await?.pop().flatten())
-    }
-
-    async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<(Row, u64)>>, StoreError> {
+    async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<StoredRow>>, StoreError> {
         let conn = self.conn()?;
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(rows_per_statement(table.primary_key.len())) {
@@ -564,12 +560,14 @@ impl ApplyTx for SqliteApplyTx {
             }
             let mut rows = stmt.raw_query();
             while let Some(row) = rows.next()? {
-                let mut values = Row::new();
-                for (i, col) in table.columns.iter().enumerate() {
-                    values.insert(col.name.clone(), read_value(row, i, col.ty)?);
-                }
+                let values = table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| read_value(row, i, col.ty))
+                    .collect::<Result<_, _>>()?;
                 let version: Option<i64> = row.get(table.columns.len())?;
-                found.push((values, version.unwrap_or(0) as u64));
+                found.push(StoredRow { values, version: version.unwrap_or(0) as u64 });
             }
         }
         Ok(rows_in_key_order(table, keys, found))
