@@ -99,6 +99,10 @@ pub struct Limits {
     /// Most pages streamed in one response (a device asking for more gets this many).
     #[arg(long, env = "FERRY_MAX_STREAM_PAGES", default_value_t = 64)]
     pub max_stream_pages: usize,
+    /// Memory for full receives' snapshots shared between the devices of a scope, in MiB (0: each
+    /// device's snapshot is read from the database).
+    #[arg(long, env = "FERRY_SHARED_SNAPSHOT_MIB", default_value_t = 256)]
+    pub shared_snapshot_mib: usize,
     /// Longest a request may take, in seconds, before it is abandoned (and rolled back) with 408.
     #[arg(long, env = "FERRY_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
     pub request_timeout_secs: u64,
@@ -118,6 +122,7 @@ impl Default for Limits {
             max_page_rows: 10_000,
             max_page_bytes: 4 * 1024 * 1024,
             max_stream_pages: 64,
+            shared_snapshot_mib: 256,
             request_timeout_secs: 60,
             max_blob_bytes: 2 * 1024 * 1024 * 1024,
             max_chunk_bytes: 16 * 1024 * 1024,

@@ -63,7 +63,8 @@ pub async fn prepare_with_hooks(
     let auth = Arc::new(Auth::from_args(auth)?);
     let (store, schema) = open(storage).await?;
     let blobs = open_blobs(storage)?;
-    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None, blobs })
+    let snapshots = feed::shared::SharedSnapshots::new(limits.shared_snapshot_mib.saturating_mul(1024 * 1024));
+    Ok(http::AppState { store, schema: Arc::new(schema), limits, auth, hooks, metrics: None, blobs, snapshots })
 }
 
 /// Opens the filesystem blob store (`--blob-dir`, or next to the database).

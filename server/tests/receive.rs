@@ -40,6 +40,14 @@ async fn harness(backend: Backend) -> Option<Harness> {
     Some(h)
 }
 
+/// A harness whose shared snapshots keep at most `budget` bytes of frames.
+async fn harness_sharing(backend: Backend, budget: usize) -> Option<Harness> {
+    let mut h = harness(backend).await?;
+    h.state.snapshots = ferry_server::feed::shared::SharedSnapshots::new(budget);
+    h.app = ferry_server::http::router(h.state.clone());
+    Some(h)
+}
+
 /// A device's copy of the synced tables: (table, key) → values.
 type Copy = BTreeMap<(String, String), Vec<Value>>;
 
@@ -52,10 +60,10 @@ impl Harness {
         common::get(&self.state, &self.app, user, path).await
     }
 
-    /// `GET path` as alice, asking for zstd or not; the answer's headers and (still encoded) body.
-    async fn stream(&self, path: &str, zstd: bool) -> (axum::http::HeaderMap, Vec<u8>) {
+    /// `GET path` as `user`, asking for zstd or not; the answer's headers and (still encoded) body.
+    async fn stream_as(&self, user: &str, path: &str, zstd: bool) -> (axum::http::HeaderMap, Vec<u8>) {
         use http_body_util::BodyExt as _;
-        let token = self.state.auth.issue("alice", Duration::from_secs(600)).unwrap();
+        let token = self.state.auth.issue(user, Duration::from_secs(600)).unwrap();
         let req = Request::get(path)
             .header("accept", "application/x-ferry+postcard")
             .header("accept-encoding", if zstd { "gzip, zstd" } else { "zstd;q=0" })
@@ -66,6 +74,34 @@ impl Harness {
         assert_eq!(res.status(), StatusCode::OK);
         let headers = res.headers().clone();
         (headers, res.into_body().collect().await.unwrap().to_bytes().to_vec())
+    }
+
+    /// `GET path` as alice, asking for zstd or not; the answer's headers and (still encoded) body.
+    async fn stream(&self, path: &str, zstd: bool) -> (axum::http::HeaderMap, Vec<u8>) {
+        self.stream_as("alice", path, zstd).await
+    }
+
+    /// A full receive as a device does it: streamed answers of up to `pages` pages of `limit`
+    /// rows (zstd-compressed), each asked from the last page's `next`, until the last page.
+    async fn stream_receive(&self, user: &str, limit: usize, pages: usize) -> Vec<ChangePage> {
+        let (mut cursor, mut got) = (Cursor::start(), Vec::new());
+        for _ in 0..1000 {
+            let path = format!("/v1/changes?cursor={}&limit={limit}&pages={pages}", urlencode(&cursor.0));
+            let (_, body) = self.stream_as(user, &path, true).await;
+            let mut frames = codec::FrameReader::new(1 << 26);
+            frames.push(&zstd::decode_all(&body[..]).unwrap());
+            let before = got.len();
+            while let Some(frame) = frames.next_frame().unwrap() {
+                got.push(Encoding::Postcard.decode::<ChangePage>(frame, 1 << 26).unwrap());
+            }
+            assert!(got.len() > before && got.len() - before <= pages, "{} pages in one answer", got.len() - before);
+            let last: &ChangePage = got.last().unwrap();
+            if last.last {
+                return got;
+            }
+            cursor = last.next.clone();
+        }
+        panic!("the receive did not finish");
     }
 
     async fn page(&self, user: &str, cursor: &Cursor, limit: usize) -> ChangePage {
@@ -89,10 +125,17 @@ impl Harness {
             }
         }
         assert!(pages.last().unwrap().last, "receive did not finish");
+        self.apply(copy, &pages);
+        *cursor = next;
+        pages
+    }
+
+    /// Applies a receive's `pages` to `copy` like a device.
+    fn apply(&self, copy: &mut Copy, pages: &[ChangePage]) {
         if pages[0].full {
             copy.clear();
         }
-        for page in &pages {
+        for page in pages {
             for group in &page.upserts {
                 let table = self.state.schema.schema.table(&group.table).unwrap();
                 for row in &group.rows {
@@ -109,8 +152,6 @@ impl Harness {
                 copy.remove(&(r.table.clone(), key.join(",")));
             }
         }
-        *cursor = next;
-        pages
     }
 }
 
@@ -432,5 +473,148 @@ backend_tests! {
             c.contains_key(&("customer".into(), "7001".into())) && c.contains_key(&("customer".into(), "7002".into()))
         };
         h.receive_until("alice", &mut copy, &mut cursor, both).await;
+    }
+
+    async fn devices_of_a_scope_share_one_snapshot_and_catch_up_on_what_changed_since(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.add_customers(3..100).await;
+        let first = h.stream_receive("alice", 4, 64).await;
+        let mut a = Copy::new();
+        h.apply(&mut a, &first);
+        assert_eq!(a, h.live_copy("alice").await);
+        let snapshot_frames = first.iter().filter(|p| p.next.0.starts_with("p.k.")).count() as u64;
+        assert!(snapshot_frames > 20, "{snapshot_frames}");
+        let stats = h.state.snapshots.stats();
+        assert_eq!((stats.builds, stats.frames_served), (1, snapshot_frames), "the first device reads the build");
+        h.sql("UPDATE customer SET name = 'Ada L' WHERE id = 1").await;
+        h.sql("DELETE FROM invoice_line WHERE id = 101").await;
+        h.sql("INSERT INTO customer (id, name) VALUES (500, 'new')").await;
+        let changed = |c: &Copy| {
+            c.contains_key(&("customer".into(), "500".into()))
+                && !c.contains_key(&("invoice_line".into(), "101".into()))
+                && c[&("customer".to_string(), "1".to_string())][1] == Value::Text("Ada L".into())
+        };
+        // A later device gets the same snapshot, then what changed since it was read (on PostgreSQL
+        // a transaction open elsewhere in the cluster may hold the catch-up back a receive or two).
+        for round in 0.. {
+            assert!(round < 100, "the changes never arrived");
+            let mut b = Copy::new();
+            h.apply(&mut b, &h.stream_receive("alice", 4, 64).await);
+            if changed(&b) {
+                assert_eq!(b, h.live_copy("alice").await);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stats = h.state.snapshots.stats();
+        assert_eq!(stats.builds, 1, "three changes do not make the snapshot stale");
+        assert!(stats.frames_served >= 2 * snapshot_frames, "{stats:?}");
+    }
+
+    async fn a_receive_cut_inside_a_shared_snapshot_resumes_from_it(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.add_customers(3..100).await;
+        // Three pages per answer: each next answer starts from a cursor inside the snapshot.
+        let pages = h.stream_receive("alice", 4, 3).await;
+        let mut copy = Copy::new();
+        h.apply(&mut copy, &pages);
+        assert_eq!(copy, h.live_copy("alice").await);
+        let snapshot_frames = pages.iter().filter(|p| p.next.0.starts_with("p.k.")).count() as u64;
+        let stats = h.state.snapshots.stats();
+        assert_eq!((stats.builds, stats.frames_served), (1, snapshot_frames), "every snapshot page came from the build");
+    }
+
+    async fn devices_of_other_scopes_never_share_a_snapshot(backend) {
+        let Some(h) = harness(backend).await else { return };
+        let (mut alice, mut bob) = (Copy::new(), Copy::new());
+        h.apply(&mut alice, &h.stream_receive("alice", 2, 64).await);
+        h.apply(&mut bob, &h.stream_receive("bob", 2, 64).await);
+        assert_eq!(keys(&alice, "invoice"), ["10", "11"]);
+        assert_eq!(keys(&bob, "invoice"), ["20"]);
+        assert_eq!(bob, h.live_copy("bob").await);
+        assert_eq!(h.state.snapshots.stats().builds, 2);
+    }
+
+    async fn devices_starting_together_share_one_build(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.add_customers(3..200).await;
+        let (one, two) = tokio::join!(h.stream_receive("alice", 4, 64), h.stream_receive("alice", 4, 64));
+        let (mut a, mut b) = (Copy::new(), Copy::new());
+        h.apply(&mut a, &one);
+        h.apply(&mut b, &two);
+        let live = h.live_copy("alice").await;
+        assert_eq!((a == live, b == live), (true, true));
+        assert_eq!(h.state.snapshots.stats().builds, 1);
+    }
+
+    async fn a_snapshot_with_many_changes_since_is_built_again(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.stream_receive("alice", 100, 64).await;
+        // More changes than STALE_MIN_CHANGES (1000) since the snapshot was read.
+        h.add_customers(1000..2200).await;
+        for round in 0.. {
+            assert!(round < 100, "the snapshot was never built again");
+            let mut copy = Copy::new();
+            h.apply(&mut copy, &h.stream_receive("alice", 100, 64).await);
+            if h.state.snapshots.stats().builds == 2 && copy.contains_key(&("customer".into(), "2199".into())) {
+                assert_eq!(copy, h.live_copy("alice").await);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn a_snapshot_the_feed_was_compacted_past_is_built_again(backend) {
+        let Some(h) = harness(backend).await else { return };
+        h.stream_receive("alice", 2, 64).await;
+        h.sql("DELETE FROM invoice_line WHERE id = 101").await;
+        let mut removed = 0;
+        for _ in 0..100 {
+            removed += h.state.store.compact(Duration::ZERO).await.unwrap().tombstones;
+            if removed > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(removed, 1);
+        let mut copy = Copy::new();
+        h.apply(&mut copy, &h.stream_receive("alice", 2, 64).await);
+        assert!(!copy.contains_key(&("invoice_line".into(), "101".into())));
+        assert_eq!(h.state.snapshots.stats().builds, 2, "the old snapshot's catch-up is gone with the tombstone");
+    }
+
+    async fn a_snapshot_over_the_memory_budget_is_read_from_the_database(backend) {
+        // Room for a few frames only: the build is abandoned part way, and its devices read on
+        // from the database where they are.
+        let Some(h) = harness_sharing(backend, 600).await else { return };
+        h.add_customers(3..100).await;
+        let live = h.live_copy("alice").await;
+        for builds in 1..=2 {
+            let mut copy = Copy::new();
+            h.apply(&mut copy, &h.stream_receive("alice", 4, 64).await);
+            assert_eq!(copy, live);
+            assert_eq!(h.state.snapshots.stats().builds, builds, "an abandoned snapshot is not shared");
+        }
+        // No memory at all: no sharing.
+        let Some(h) = harness_sharing(backend, 0).await else { return };
+        let mut copy = Copy::new();
+        h.apply(&mut copy, &h.stream_receive("alice", 4, 64).await);
+        assert_eq!(copy, h.live_copy("alice").await);
+        assert_eq!(h.state.snapshots.stats().builds, 0);
+    }
+}
+
+impl Harness {
+    /// Adds customers with the ids of `ids`.
+    async fn add_customers(&self, ids: std::ops::Range<i64>) {
+        let rows: Vec<String> = ids.map(|i| format!("({i}, 'customer {i}')")).collect();
+        self.sql(&format!("INSERT INTO customer (id, name) VALUES {}", rows.join(", "))).await;
+    }
+
+    /// `user`'s rows as one-page answers (never a shared snapshot's) give them now.
+    async fn live_copy(&self, user: &str) -> Copy {
+        let mut copy = Copy::new();
+        self.receive(user, &mut copy, &mut Cursor::start(), 1000).await;
+        copy
     }
 }

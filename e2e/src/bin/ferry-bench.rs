@@ -709,7 +709,9 @@ impl Bench {
     }
 
     /// recv-initial at `n` rows (several fresh devices), the device baseline and recv-ratio, then
-    /// recv-incremental on the last device; peak RSS of both sides.
+    /// recv-incremental on the last device; peak RSS of both sides. The first device's receive
+    /// (the scope's first: the server reads the snapshot from its database while it serves it)
+    /// is reported apart as recv-first; the later devices get the snapshot the server shares.
     async fn receive(&mut self, db: Db, n: u64, runs: usize, ratio: bool) -> Result<()> {
         let served = self.server(db, false).await?;
         seed(&served, n).await?;
@@ -717,8 +719,9 @@ impl Bench {
         let name = db.name();
         let (mut recvs, mut dev_mem, mut srv_mem, mut bases) = (vec![], vec![], vec![], vec![]);
         let (mut dev_cpu, mut srv_cpu, mut overlapped) = (vec![], vec![], vec![]);
+        let mut first = None;
         let mut last = None;
-        for _ in 0..runs {
+        for run in 0..=runs {
             let client = self.device(&served).await?;
             peaks.reset();
             let t0 = Instant::now();
@@ -727,6 +730,10 @@ impl Bench {
             let (d, s) = peaks.read();
             let (dc, sc) = peaks.cpu();
             ensure!(report.rows_upserted == n, "received {} of {n} rows: {report:?}", report.rows_upserted);
+            if run == 0 {
+                first = Some((n as f64 / secs, sc * 1e6 / n as f64));
+                continue;
+            }
             recvs.push(n as f64 / secs);
             overlapped.push(if report.overlapped { 1.0 } else { 0.0 });
             dev_cpu.push(dc * 1e6 / n as f64);
@@ -746,7 +753,22 @@ impl Bench {
             "rows/s",
             Goal::AtLeast(250_000.0),
             recvs.clone(),
-            format!("first receive() of {n} rows into a fresh device (default page size)"),
+            format!("first receive() of {n} rows into a fresh device (default page size), the scope's snapshot shared"),
+        );
+        let (first, first_cpu) = first.context("no first receive")?;
+        self.report.add(
+            format!("recv-first-{name}-{size}"),
+            "rows/s",
+            Goal::AtLeast(250_000.0),
+            vec![first],
+            format!("the scope's first receive() of {n} rows: its snapshot read from the database (one run)"),
+        );
+        self.report.add(
+            format!("cpu-server-recv-first-{name}-{size}"),
+            "µs/row",
+            Goal::Report,
+            vec![first_cpu],
+            "CPU time of ferry-server during the scope's first receive(), per row (one run)",
         );
         if ratio {
             // One baseline figure: the device's database is SQLite whichever server it syncs
@@ -761,6 +783,8 @@ impl Bench {
                 );
             }
             self.report.ratio(&format!("recv-ratio-{name}"), Goal::AtLeast(0.5), &recvs, &bases, "recv ÷ baseline");
+            let what = "recv-first ÷ baseline (the first baseline run)";
+            self.report.ratio(&format!("recv-first-ratio-{name}"), Goal::Report, &[first], &bases, what);
         }
         self.report.add(
             format!("recv-overlapped-{name}-{size}"),

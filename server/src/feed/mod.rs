@@ -12,6 +12,12 @@
 //! `after` is the feed key text (JSON array) of the last row served; the snapshot pages in key
 //! order, the other phases in key-text order. The last page's `next` is the completed cursor
 //! `d.<to>` the device stores.
+//!
+//! A snapshot can be read once and served to many devices ([`shared`]): [`snapshot_page`] pages
+//! it alone, ending with a catch-up cursor of an empty range that [`catch_up`] widens to the feed
+//! head when a device gets there.
+
+pub mod shared;
 
 use ferry_protocol::{ChangePage, Cursor, ErrorCode, Estimate, Removal, Schema, Table, TableRows, Value};
 
@@ -27,6 +33,9 @@ pub enum FeedError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A page could not be encoded (a shared snapshot's frame).
+    #[error("a page could not be encoded: {0}")]
+    Encode(#[from] ferry_protocol::CodecError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +155,36 @@ fn value_size(v: &Value) -> usize {
     }
 }
 
+/// The catch-up cursor of a full receive whose snapshot started at feed position `at`, over the
+/// changes up to `head`.
+pub fn catch_up(at: i64, head: i64) -> Cursor {
+    Progress { phase: Phase::CatchUp, from: at, to: head.max(at), table: 0, after: String::new() }.encode()
+}
+
+/// The feed position a full receive's snapshot started at, when `cursor` is inside a snapshot or
+/// at the start of its catch-up (as a [`snapshot_page`] leaves it).
+pub fn snapshot_at(cursor: &Cursor) -> Option<i64> {
+    match parse(&cursor.0) {
+        Ok(Parsed::InProgress(p)) if p.phase == Phase::Snapshot => Some(p.to),
+        Ok(Parsed::InProgress(p)) if p.phase == Phase::CatchUp && p.table == 0 && p.after.is_empty() => Some(p.from),
+        _ => None,
+    }
+}
+
+/// Whether `cursor` is where a snapshot ends and its catch-up begins.
+pub fn snapshot_complete(cursor: &Cursor) -> bool {
+    matches!(parse(&cursor.0), Ok(Parsed::InProgress(p)) if p.phase == Phase::CatchUp && p.table == 0 && p.after.is_empty())
+}
+
+/// Where a page may end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Anywhere: a snapshot goes on into its catch-up in the same page.
+    Last,
+    /// At the snapshot's end at the latest, with the catch-up cursor `catch_up(at, at)`.
+    SnapshotEnd,
+}
+
 /// Serves one page of at most `max_rows` rows (and about `max_bytes` bytes), reading its rows
 /// into `spare`'s vectors (those of pages sent before, see [`SpareRows`]; none for a page
 /// asked alone).
@@ -156,7 +195,37 @@ pub async fn page(
     cursor: &str,
     max_rows: usize,
     max_bytes: usize,
+    spare: SpareRows,
+) -> Result<ChangePage, FeedError> {
+    serve(store, schema, claims, cursor, (max_rows, max_bytes), spare, Until::Last).await
+}
+
+/// Like [`page`], for the empty cursor or a snapshot's: the page ends where the snapshot does at
+/// the latest, its `next` then the catch-up cursor of an empty range (see [`snapshot_at`]). The
+/// same cursor leads to the same page, whichever device asks, as long as the rows are unchanged.
+pub async fn snapshot_page(
+    store: &Store,
+    schema: &Schema,
+    claims: &dyn ClaimSource,
+    cursor: &str,
+    max_rows: usize,
+    max_bytes: usize,
+    spare: SpareRows,
+) -> Result<ChangePage, FeedError> {
+    if !cursor.is_empty() && !matches!(parse(cursor)?, Parsed::InProgress(Progress { phase: Phase::Snapshot, .. })) {
+        return Err(malformed());
+    }
+    serve(store, schema, claims, cursor, (max_rows, max_bytes), spare, Until::SnapshotEnd).await
+}
+
+async fn serve(
+    store: &Store,
+    schema: &Schema,
+    claims: &dyn ClaimSource,
+    cursor: &str,
+    (max_rows, max_bytes): (usize, usize),
     mut spare: SpareRows,
+    until: Until,
 ) -> Result<ChangePage, FeedError> {
     let mut progress = begin(store, cursor).await?;
     let full = progress.phase != Phase::Incremental;
@@ -173,6 +242,10 @@ pub async fn page(
     let (mut rows_left, mut bytes) = (max_rows.max(1), 0usize);
     loop {
         if progress.table >= tables.len() {
+            if progress.phase == Phase::Snapshot && until == Until::SnapshotEnd {
+                let next = catch_up(progress.to, progress.to);
+                return Ok(ChangePage { full, upserts, removals, next, last: false });
+            }
             if progress.phase == Phase::Snapshot {
                 // The snapshot is complete; catch up with what changed while it was paged.
                 let head = store.feed_head().await?;

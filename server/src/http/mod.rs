@@ -42,6 +42,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Blob storage (R14).
     pub blobs: crate::blobs::Blobs,
+    /// Full receives' snapshots, read once and served to every device of a scope.
+    pub snapshots: Arc<crate::feed::shared::SharedSnapshots>,
 }
 
 /// The complete router.
