@@ -822,14 +822,18 @@ impl Bench {
             "peak RSS of ferry-server during the first receive()",
         );
         let client = last.context("no runs")?;
-        let mut incs = vec![];
+        let (mut incs, mut inc_dev_cpu, mut inc_srv_cpu) = (vec![], vec![], vec![]);
         for _ in 0..self.mode.runs {
             touch(&served, n).await?;
+            peaks.reset();
             let t0 = Instant::now();
             let report = client.receive().await?;
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let (dc, sc) = peaks.cpu();
             ensure!(report.rows_upserted == INCREMENTAL, "incremental receive got {report:?}");
             incs.push(ms);
+            inc_dev_cpu.push(dc * 1000.0);
+            inc_srv_cpu.push(sc * 1000.0);
         }
         self.report.add(
             format!("recv-incremental-{name}-{size}"),
@@ -837,6 +841,20 @@ impl Bench {
             Goal::AtMost(100.0),
             incs,
             format!("receive() of {INCREMENTAL} changed rows from a {n}-row table"),
+        );
+        self.report.add(
+            format!("cpu-device-recv-incremental-{name}-{size}"),
+            "ms",
+            Goal::Report,
+            inc_dev_cpu,
+            "CPU time of the device (this process) during the incremental receive()",
+        );
+        self.report.add(
+            format!("cpu-server-recv-incremental-{name}-{size}"),
+            "ms",
+            Goal::Report,
+            inc_srv_cpu,
+            "CPU time of ferry-server during the incremental receive()",
         );
         Ok(())
     }
