@@ -345,16 +345,20 @@ impl SharedSnapshots {
         reader
     }
 
-    /// Reads and encodes the snapshot's pages into `snapshot`, until its last page or until it
-    /// outgrows the budget (then abandoned).
-    async fn fill<C: ClaimSource>(&self, snapshot: &Snapshot, source: BuildSource<C>) -> Result<(), FeedError> {
-        let BuildSource { store, schema, claims, max_bytes } = source;
-        let Sharing { encoding, limit, .. } = snapshot.sharing.clone();
-        let mut cursor = Cursor(String::new());
-        let mut spare = SpareRows::default();
-        loop {
-            let page = snapshot_page(&store, &schema.schema, &claims, &cursor.0, limit, max_bytes, spare).await?;
-            spare = SpareRows::default();
+    /// Encodes the snapshot's pages into `snapshot` as [`read_snapshot`] reads them, until its
+    /// last page or until it outgrows the budget (then abandoned).
+    async fn fill<C: ClaimSource + Send + 'static>(
+        &self,
+        snapshot: &Snapshot,
+        source: BuildSource<C>,
+    ) -> Result<(), FeedError> {
+        let encoding = snapshot.sharing.encoding;
+        let spare = Arc::new(Mutex::new(SpareRows::default()));
+        // One page read ahead: the database works on the next page while this one is encoded.
+        let (ahead, mut pages) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(read_snapshot(source, snapshot.sharing.limit, spare.clone(), ahead));
+        while let Some(page) = pages.recv().await {
+            let page = page?;
             let at = snapshot_at(&page.next);
             if snapshot_complete(&page.next) {
                 let mut built = snapshot.built();
@@ -386,12 +390,12 @@ impl SharedSnapshots {
                 built.rows += rows as u64;
                 let index = built.frames.len() + 1;
                 built.starts.insert(page.next.0.clone(), index);
-                built.frames.push(Frame { bytes: bytes.into(), rows, next: page.next.clone() });
+                built.frames.push(Frame { bytes: bytes.into(), rows, next: page.next });
             }
             snapshot.grown.send_modify(|n| *n += 1);
-            cursor = page.next;
-            spare.keep(page.upserts.into_iter().flat_map(|g| g.rows));
+            spare.lock().unwrap_or_else(|e| e.into_inner()).keep(page.upserts.into_iter().flat_map(|g| g.rows));
         }
+        Err(FeedError::Store(StoreError::Corrupt("a shared snapshot's reader stopped before its last page".into())))
     }
 
     /// Makes room for `bytes` more of `growing`'s frames, dropping the least recently used other
@@ -413,6 +417,34 @@ impl SharedSnapshots {
                 Some(i) => snapshots.remove(i).abandon(),
                 None => return false,
             }
+        }
+    }
+}
+
+/// Reads a snapshot's pages of `limit` rows from its start into `ahead`, until its last page
+/// (see [`snapshot_complete`]), the first error (handed over too) or until the build stops
+/// listening; each page's rows are read into those of pages already encoded (`spare`).
+async fn read_snapshot<C: ClaimSource>(
+    source: BuildSource<C>,
+    limit: usize,
+    spare: Arc<Mutex<SpareRows>>,
+    ahead: tokio::sync::mpsc::Sender<Result<ChangePage, FeedError>>,
+) {
+    let BuildSource { store, schema, claims, max_bytes } = source;
+    let mut cursor = Cursor(String::new());
+    loop {
+        let rows = std::mem::take(&mut *spare.lock().unwrap_or_else(|e| e.into_inner()));
+        let page = snapshot_page(&store, &schema.schema, &claims, &cursor.0, limit, max_bytes, rows).await;
+        let next = match &page {
+            Ok(page) if !snapshot_complete(&page.next) => Some(page.next.clone()),
+            _ => None,
+        };
+        if ahead.send(page).await.is_err() {
+            return;
+        }
+        match next {
+            Some(next) => cursor = next,
+            None => return,
         }
     }
 }
