@@ -321,6 +321,16 @@ backend_tests! {
         assert_eq!(report.pages, full.pages, "no page fetched twice: {report:?}");
         assert_eq!(report.rows_upserted, 200);
         assert_eq!(dump(&dev), dump(&reference), "the end state equals an uninterrupted receive");
+        // Both devices got the snapshot the reference's receive made the server read, the cut one
+        // after its new request too: all but the snapshot's last page and the catch-up's came from
+        // the shared frames, each time (docs/protocol.md, "Shared snapshots").
+        let metrics = reqwest::get(format!("{}/metrics", site.server.url)).await.unwrap().text().await.unwrap();
+        let shared: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry_shared_snapshot_pages_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(shared >= 2 * (full.pages - 2), "{shared} pages from shared snapshots, {} pages a receive", full.pages);
     }
 
     // 4b. §4 "device dies while applying": the app dies after the last page is staged and before
