@@ -62,10 +62,21 @@ impl Harness {
 
     /// `GET path` as `user`, asking for zstd or not; the answer's headers and (still encoded) body.
     async fn stream_as(&self, user: &str, path: &str, zstd: bool) -> (axum::http::HeaderMap, Vec<u8>) {
+        self.stream_in(Encoding::Postcard, user, path, zstd).await
+    }
+
+    /// `GET path` as `user` in `encoding`, asking for zstd or not; the answer's headers and body.
+    async fn stream_in(
+        &self,
+        encoding: Encoding,
+        user: &str,
+        path: &str,
+        zstd: bool,
+    ) -> (axum::http::HeaderMap, Vec<u8>) {
         use http_body_util::BodyExt as _;
         let token = self.state.auth.issue(user, Duration::from_secs(600)).unwrap();
         let req = Request::get(path)
-            .header("accept", "application/x-ferry+postcard")
+            .header("accept", encoding.media_type())
             .header("accept-encoding", if zstd { "gzip, zstd" } else { "zstd;q=0" })
             .header("authorization", format!("Bearer {token}"))
             .body(Body::empty())
@@ -84,15 +95,20 @@ impl Harness {
     /// A full receive as a device does it: streamed answers of up to `pages` pages of `limit`
     /// rows (zstd-compressed), each asked from the last page's `next`, until the last page.
     async fn stream_receive(&self, user: &str, limit: usize, pages: usize) -> Vec<ChangePage> {
+        self.stream_receive_in(Encoding::Postcard, user, limit, pages).await
+    }
+
+    /// [`Harness::stream_receive`] in `encoding`.
+    async fn stream_receive_in(&self, encoding: Encoding, user: &str, limit: usize, pages: usize) -> Vec<ChangePage> {
         let (mut cursor, mut got) = (Cursor::start(), Vec::new());
         for _ in 0..1000 {
             let path = format!("/v1/changes?cursor={}&limit={limit}&pages={pages}", urlencode(&cursor.0));
-            let (_, body) = self.stream_as(user, &path, true).await;
+            let (_, body) = self.stream_in(encoding, user, &path, true).await;
             let mut frames = codec::FrameReader::new(1 << 26);
             frames.push(&zstd::decode_all(&body[..]).unwrap());
             let before = got.len();
             while let Some(frame) = frames.next_frame().unwrap() {
-                got.push(Encoding::Postcard.decode::<ChangePage>(frame, 1 << 26).unwrap());
+                got.push(encoding.decode::<ChangePage>(frame, 1 << 26).unwrap());
             }
             assert!(got.len() > before && got.len() - before <= pages, "{} pages in one answer", got.len() - before);
             let last: &ChangePage = got.last().unwrap();
@@ -533,6 +549,13 @@ backend_tests! {
         assert_eq!(keys(&bob, "invoice"), ["20"]);
         assert_eq!(bob, h.live_copy("bob").await);
         assert_eq!(h.state.snapshots.stats().builds, 2);
+        // Nor do devices of one scope that read another encoding: JSON frames of their own.
+        let mut json = Copy::new();
+        h.apply(&mut json, &h.stream_receive_in(Encoding::Json, "alice", 2, 64).await);
+        assert_eq!(json, alice);
+        assert_eq!(h.state.snapshots.stats().builds, 3);
+        h.apply(&mut json, &h.stream_receive_in(Encoding::Json, "alice", 2, 64).await);
+        assert_eq!((json == alice, h.state.snapshots.stats().builds), (true, 3), "shared by the next JSON device");
     }
 
     async fn devices_starting_together_share_one_build(backend) {
