@@ -440,17 +440,7 @@ backend_tests! {
         let (mut copy, mut cursor) = (Copy::new(), Cursor::start());
         h.receive("alice", &mut copy, &mut cursor, 1000).await;
         h.sql("DELETE FROM invoice_line WHERE id = 200").await;
-        // Compaction removes only tombstones below the feed head (see Store::compact): retry while
-        // a transaction open elsewhere in the PostgreSQL cluster holds the head back.
-        let mut removed = 0;
-        for _ in 0..100 {
-            removed += h.state.store.compact(Duration::ZERO).await.unwrap().tombstones;
-            if removed > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(removed, 1);
+        assert_eq!(h.compact_tombstones().await, 1);
         assert_eq!(h.state.store.query_i64("SELECT count(*) FROM ferry_rows WHERE tbl = 'invoice_line'").await.unwrap(), 2);
         // The device's cursor predates the removed tombstone: it must receive in full.
         let (status, _) = h.get("alice", &format!("/v1/changes?cursor={}", urlencode(&cursor.0))).await;
@@ -591,15 +581,7 @@ backend_tests! {
         let Some(h) = harness(backend).await else { return };
         h.stream_receive("alice", 2, 64).await;
         h.sql("DELETE FROM invoice_line WHERE id = 101").await;
-        let mut removed = 0;
-        for _ in 0..100 {
-            removed += h.state.store.compact(Duration::ZERO).await.unwrap().tombstones;
-            if removed > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(removed, 1);
+        assert_eq!(h.compact_tombstones().await, 1);
         let mut copy = Copy::new();
         h.apply(&mut copy, &h.stream_receive("alice", 2, 64).await);
         assert!(!copy.contains_key(&("invoice_line".into(), "101".into())));
@@ -628,6 +610,20 @@ backend_tests! {
 }
 
 impl Harness {
+    /// Compacts the feed until it removes a tombstone (bounded); how many it removed. Compaction
+    /// removes only tombstones below the feed head (see Store::compact): it is retried while a
+    /// transaction open elsewhere in the PostgreSQL cluster holds the head back.
+    async fn compact_tombstones(&self) -> u64 {
+        for _ in 0..100 {
+            let removed = self.state.store.compact(Duration::ZERO).await.unwrap().tombstones;
+            if removed > 0 {
+                return removed;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        0
+    }
+
     /// Adds customers with the ids of `ids`.
     async fn add_customers(&self, ids: std::ops::Range<i64>) {
         let rows: Vec<String> = ids.map(|i| format!("({i}, 'customer {i}')")).collect();
