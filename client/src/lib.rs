@@ -610,17 +610,33 @@ impl Client {
                         })
                         .await?;
                     let sent = Arc::clone(&next);
-                    let apply = self.in_local_transaction(move |tx, schema| {
+                    let mut apply = std::pin::pin!(self.in_local_transaction(move |tx, schema| {
                         engine::apply::apply_result_in(tx, schema, &result)?;
                         db::log::cut_ahead_in(tx, schema, &limits, &db::log::BatchRows::of(&sent))
-                    });
-                    let (answer, after_next) = tokio::join!(self.upload_with_blobs(&next), apply);
-                    let after_next = after_next?;
-                    let next_command = machine.step(Input::AppliedBeside(Box::new(upload_input(answer, after_next))));
-                    if let Some(cb) = progress {
-                        cb(machine.progress());
+                    }));
+                    let mut upload = std::pin::pin!(self.upload_with_blobs(&next));
+                    // The upload goes on while the result is applied; the batch is reported done
+                    // as soon as it is, whichever ends first.
+                    let mut answer = None;
+                    let after_next = loop {
+                        tokio::select! {
+                            a = &mut upload, if answer.is_none() => answer = Some(a),
+                            applied = &mut apply => break applied?,
+                        }
+                    };
+                    match machine.step(Input::AppliedBeside) {
+                        Command::AwaitUpload => {
+                            if let Some(cb) = progress {
+                                cb(machine.progress());
+                            }
+                            let answer = match answer {
+                                Some(a) => a,
+                                None => upload.await,
+                            };
+                            machine.step(upload_input(answer, after_next))
+                        }
+                        other => other,
                     }
-                    next_command
                 }
                 Command::Sleep(d) => {
                     tokio::time::sleep(d).await;
@@ -637,6 +653,8 @@ impl Client {
                     }
                     next
                 }
+                // Only asked right after `ApplyResultBeside`, which awaits the upload itself.
+                Command::AwaitUpload => return Err(Error::InvalidState("no upload is on the wire".into())),
                 Command::Finished(report) => return Ok(report),
                 Command::Failed(e) => return Err(e),
             };

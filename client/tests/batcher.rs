@@ -118,3 +118,123 @@ fn leading_checkpoints_produce_no_batch() {
     let cut = next_batch_with(&log, &BatchLimits::default(), size);
     assert_eq!((cut.consumed, cut.events), (2, 0));
 }
+
+/// A table with every column type, a composite key of a text and an integer, and an
+/// auto-numbered one holding a real: the shapes whose JSON is shortest against their encoding.
+const EVERY_TYPE: &str = r#"
+[[table]]
+name = "thing"
+primary_key = ["code", "n"]
+scope = "everyone"
+columns = [
+  { name = "code", type = "text", nullable = false },
+  { name = "n", type = "integer", nullable = false },
+  { name = "i", type = "integer" },
+  { name = "r", type = "real" },
+  { name = "t", type = "text" },
+  { name = "b", type = "bytes" },
+  { name = "picture", type = "blob" },
+]
+
+[[table]]
+name = "reading"
+primary_key = ["id"]
+auto_number = true
+scope = "everyone"
+columns = [
+  { name = "id", type = "integer", nullable = false },
+  { name = "r", type = "real", nullable = false },
+]
+"#;
+
+/// A row of `thing`: (code, n, i, r, t, b, with a picture).
+type Thing = (String, i64, Option<i64>, Option<f64>, Option<String>, Option<Vec<u8>>, bool);
+
+fn real() -> impl Strategy<Value = f64> {
+    prop_oneof![(-9i64..10).prop_map(|i| i as f64), any::<f64>().prop_filter("finite", |r| r.is_finite())]
+}
+
+fn thing() -> impl Strategy<Value = Thing> {
+    (
+        "\\PC{0,3}|[\"\\\\\\x00-\\x1f]{0,4}",
+        prop_oneof![-9i64..10, any::<i64>()],
+        prop::option::of(prop_oneof![-9i64..10, any::<i64>()]),
+        prop::option::of(real()),
+        prop::option::of("\\PC{0,20}|[\"\\\\\\x00-\\x1f]{0,8}"),
+        prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
+        any::<bool>(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Planning trusts the bound of `event_size_bounds` to skip decoding the log: every pending
+    /// event's encoded size must stay under it, whatever its values, for inserts, updates (with
+    /// their changed columns and previous values) and deletes.
+    #[test]
+    fn event_sizes_stay_under_their_bound(
+        things in prop::collection::vec(thing(), 1..12),
+        readings in prop::collection::vec(real(), 0..6),
+        updates in prop::collection::vec((any::<prop::sample::Index>(), thing()), 0..8),
+        deletes in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+    ) {
+        use ferry_client::db::log::{event_size_bounds, pending_entries};
+        use ferry_client::engine::batcher::event_size;
+        use rusqlite::params;
+
+        let dir = tempfile::tempdir().unwrap();
+        let schema = ferry_client::ferry_protocol::Schema::from_toml(EVERY_TYPE).unwrap();
+        let c = ferry_client::Client::open(dir.path().join("device.db"), ferry_client::ClientConfig::new("http://127.0.0.1:9")).unwrap();
+        c.install_schema(&schema).unwrap();
+        let picture = r#"{"sha256":"0000000000000000000000000000000000000000000000000000000000000000","size":7,"media_type":"image/png"}"#;
+        let mut keys: Vec<(String, i64)> = Vec::new();
+        c.transaction(|tx| {
+            for (code, n, i, r, t, b, pic) in &things {
+                if keys.contains(&(code.clone(), *n)) {
+                    continue;
+                }
+                keys.push((code.clone(), *n));
+                tx.execute(
+                    "INSERT INTO thing(code, n, i, r, t, b, picture) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![code, n, i, r, t, b, pic.then_some(picture)],
+                )?;
+            }
+            for r in &readings {
+                tx.execute("INSERT INTO reading(r) VALUES (?1)", [r])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        c.transaction(|tx| {
+            for (at, (_, _, i, r, t, b, pic)) in &updates {
+                let (code, n) = at.get(&keys);
+                tx.execute(
+                    "UPDATE thing SET i = ?3, r = ?4, t = ?5, b = ?6, picture = ?7 WHERE code = ?1 AND n = ?2",
+                    params![code, n, i, r, t, b, pic.then_some(picture)],
+                )?;
+            }
+            for at in &deletes {
+                let (code, n) = at.get(&keys);
+                tx.execute("DELETE FROM thing WHERE code = ?1 AND n = ?2", params![code, n])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+
+        c.with_connection(|conn| {
+            let bounds = event_size_bounds(conn)?;
+            let events: Vec<Event> = pending_entries(conn, &schema)?
+                .into_iter()
+                .filter_map(|e| match e { LogEntry::Event(e) => Some(e), LogEntry::Checkpoint(_) => None })
+                .collect();
+            assert_eq!(bounds.len(), events.len());
+            for ((seq, bound), e) in bounds.iter().zip(&events) {
+                assert_eq!(*seq, e.seq);
+                assert!(event_size(e) as u64 <= *bound, "event {e:?} takes {} bytes, over its bound {bound}", event_size(e));
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+}

@@ -25,6 +25,9 @@ struct Server {
     refuse: Mutex<Option<ErrorBody>>,
     delay: Mutex<Duration>,
     next_key: AtomicUsize,
+    /// Holds the answer to this batch until notified (at most 5 s), and records whether it was.
+    hold: Mutex<Option<(u64, Arc<tokio::sync::Notify>)>>,
+    released_by_notice: std::sync::atomic::AtomicBool,
 }
 
 async fn serve(server: Arc<Server>) -> String {
@@ -58,6 +61,11 @@ async fn serve(server: Arc<Server>) -> String {
                 }
                 let batch: Batch = Encoding::Postcard.decode(&buf[head_end..head_end + len], 1 << 24).unwrap();
                 assert!(batch.digest_matches());
+                let hold = server.hold.lock().unwrap().clone();
+                if let Some((_, notice)) = hold.filter(|(seq, _)| *seq == batch.batch_seq) {
+                    let woken = tokio::time::timeout(Duration::from_secs(5), notice.notified()).await.is_ok();
+                    server.released_by_notice.store(woken, Ordering::SeqCst);
+                }
                 let delay = *server.delay.lock().unwrap();
                 tokio::time::sleep(delay).await;
                 if server.drop_first.load(Ordering::SeqCst) > 0 {
@@ -110,6 +118,44 @@ fn client_for(dir: &tempfile::TempDir, url: &str) -> Client {
     let c = Client::open(dir.path().join("device.db"), config(url)).unwrap();
     c.install_schema(&schema()).unwrap();
     c
+}
+
+#[tokio::test]
+async fn a_batch_is_reported_done_once_its_answer_is_applied_while_the_next_is_still_unanswered() {
+    let server = Arc::new(Server::default());
+    let notice = Arc::new(tokio::sync::Notify::new());
+    *server.hold.lock().unwrap() = Some((2, notice.clone()));
+    let url = serve(server.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One event per batch and no checkpoint: each batch is cut ahead, and each answer is
+    // applied beside the upload of the next batch.
+    let one_event = ferry_client::BatchLimits { max_events: 1, max_bytes: 1 << 20 };
+    let c = Client::open(
+        dir.path().join("device.db"),
+        ferry_client::ClientConfig { batch_limits: one_event, ..config(&url) },
+    )
+    .unwrap();
+    c.install_schema(&schema()).unwrap();
+    for name in ["Ada", "Grace", "Edsger"] {
+        c.transaction(|tx| tx.execute("INSERT INTO customer(name) VALUES (?1)", [name])).unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Vec::<Progress>::new()));
+    let seen2 = seen.clone();
+    let report = c
+        .send_with_progress(move |p| {
+            seen2.lock().unwrap().push(p);
+            if p.batches_sent == 1 {
+                notice.notify_one();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.batches, 3);
+    // The server answered batch 2 only after the device reported batch 1 done: the report did
+    // not wait for the answer to the upload beside it.
+    assert!(server.released_by_notice.load(Ordering::SeqCst), "batch 1 was reported only after batch 2's answer");
+    let sent: Vec<u64> = seen.lock().unwrap().iter().map(|p| p.batches_sent).collect();
+    assert_eq!(sent, vec![1, 2, 3]);
 }
 
 #[tokio::test]

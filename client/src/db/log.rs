@@ -140,36 +140,40 @@ fn to_event(schema: &Schema, e: &RawEntry) -> Result<Event> {
         None => Row::new(),
     };
     Ok(Event {
-        seq: u64::try_from(e.seq).map_err(|_| Error::Corrupt(format!("seq {}", e.seq)))?,
-        tx: e.tx.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
         table: table.name.clone(),
-        op,
         key,
         values,
         base_version: e.base_version.and_then(|v| u64::try_from(v).ok()),
         changed,
         previous,
+        ..shape_event(e)?
     })
 }
 
 /// The entries `send` may batch, in device order: pending events and checkpoints. Rejected and
 /// in-flight events are skipped (rejected ones stay in the log until retried or discarded).
 pub fn pending_entries(conn: &Connection, schema: &Schema) -> Result<Vec<LogEntry>> {
-    pending_window(conn, schema, 0, i64::MAX, WindowEnd::Limit)
+    pending_window(conn, schema, 0, i64::MAX, WindowEnd::Limit, Detail::Whole)
 }
 
 /// How many batches the pending log makes, as successive `send` calls would cut it (the number
 /// of [`crate::engine::batcher::plan`] of [`pending_entries`]), reading the log a window at a time
 /// so that memory stays flat whatever the backlog.
+///
+/// When no event can be large enough for the byte limit to end a batch ([`byte_limit_can_bind`]),
+/// the cuts depend only on the events' order, transactions and checkpoints, so the windows are
+/// read in [`Detail::Shape`]: no row is decoded, and planning costs a small part of what cutting
+/// the batches will.
 pub fn planned_batches(
     conn: &Connection,
     schema: &Schema,
     limits: &crate::engine::batcher::BatchLimits,
 ) -> Result<u64> {
+    let detail = if byte_limit_can_bind(conn, limits)? { Detail::Whole } else { Detail::Shape };
     let mut batches = 0;
     let mut after = 0;
     loop {
-        let entries = window_for_cut(conn, schema, after, limits)?;
+        let entries = window_for_cut(conn, schema, after, limits, detail)?;
         let cut = crate::engine::batcher::next_batch(&entries, limits);
         if cut.events > 0 {
             batches += 1;
@@ -182,6 +186,58 @@ pub fn planned_batches(
     }
 }
 
+/// An upper bound of a pending event's encoded size ([`crate::engine::batcher::event_size`]),
+/// computed by SQLite from the stored JSON texts without decoding them.
+///
+/// Why it holds: the event's fixed fields (seq, tx, op, base version, the table's name and its
+/// length) take at most 48 bytes besides the name. A JSON object member (`"name":value`) encodes
+/// to at most 12 bytes more than its JSON: a name's length prefix against the quotes and colon,
+/// and at most 11 bytes (an integer) or 9 (a real) where the JSON may hold one digit, while
+/// texts, byte strings (hex in JSON) and blob references encode shorter than their JSON plus a
+/// length prefix. Each member has a colon, so 13 bytes per colon (colons inside texts only add
+/// to the bound), plus 5 for the braces' length prefix. An array element (a key's value, a
+/// changed column's name) encodes to at most 11 bytes more than its JSON, and elements are at
+/// most the commas plus one. `event_sizes_stay_under_their_bound` (client/tests/batcher.rs)
+/// checks it on random rows.
+const EVENT_SIZE_BOUND_SQL: &str = "48 + octet_length(tbl) \
+     + ifnull(octet_length(pk) + 11 * (octet_length(pk) - octet_length(replace(pk, ',', '')) + 1) + 5, 0) \
+     + ifnull(octet_length(changed) + 11 * (octet_length(changed) - octet_length(replace(changed, ',', '')) + 1) + 5, 0) \
+     + ifnull(octet_length(new_row) + 13 * (octet_length(new_row) - octet_length(replace(new_row, ':', ''))) + 5, 0) \
+     + ifnull(octet_length(previous) + 13 * (octet_length(previous) - octet_length(replace(previous, ':', ''))) + 5, 0)";
+
+/// Each pending event's seq and the bound of its encoded size (see [`EVENT_SIZE_BOUND_SQL`]),
+/// in device order.
+pub fn event_size_bounds(conn: &Connection) -> Result<Vec<(u64, u64)>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT seq, {EVENT_SIZE_BOUND_SQL} FROM ferry_log WHERE status = 'pending' AND kind <> 'checkpoint' ORDER BY seq"
+    ))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether the byte limit may end a batch of the pending log: false when even `max_events` of
+/// its largest event (by the bound of [`event_size_bounds`]) fit in `max_bytes`. A batch then
+/// always ends at the event limit, a local transaction's end or a checkpoint.
+fn byte_limit_can_bind(conn: &Connection, limits: &crate::engine::batcher::BatchLimits) -> Result<bool> {
+    let largest: Option<i64> = conn
+        .prepare_cached(&format!(
+            "SELECT max({EVENT_SIZE_BOUND_SQL}) FROM ferry_log WHERE status = 'pending' AND kind <> 'checkpoint'"
+        ))?
+        .query_row([], |r| r.get(0))?;
+    let largest = largest.map_or(0, |b| u64::try_from(b).unwrap_or(u64::MAX));
+    Ok(largest.saturating_mul(limits.max_events as u64) > limits.max_bytes as u64)
+}
+
+/// How much of each event a window reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// The whole event, decoded: what a batch sends.
+    Whole,
+    /// Only its seq, local transaction and operation (no table, key or values): enough to cut
+    /// by count, transactions and checkpoints.
+    Shape,
+}
+
 /// The pending entries after seq `after`, as many as the next cut needs: a window a little
 /// larger than a batch, grown while the cut reaches its end (a local transaction may continue
 /// past it), and ending at the first checkpoint after an event (a batch never crosses one), so
@@ -191,10 +247,11 @@ fn window_for_cut(
     schema: &Schema,
     after: i64,
     limits: &crate::engine::batcher::BatchLimits,
+    detail: Detail,
 ) -> Result<Vec<LogEntry>> {
     let mut window = limits.max_events.saturating_add(1).max(64) as i64;
     loop {
-        let entries = pending_window(conn, schema, after, window, WindowEnd::BatchEnd)?;
+        let entries = pending_window(conn, schema, after, window, WindowEnd::BatchEnd, detail)?;
         if (entries.len() as i64) < window || cut_fits(&entries, limits) {
             return Ok(entries);
         }
@@ -214,9 +271,21 @@ enum WindowEnd {
 /// The first `limit` entries of [`pending_entries`] after seq `after` (fewer with
 /// [`WindowEnd::BatchEnd`]). Entries are decoded as they are read, so a window that stops early
 /// costs only what it holds.
-fn pending_window(conn: &Connection, schema: &Schema, after: i64, limit: i64, end: WindowEnd) -> Result<Vec<LogEntry>> {
+fn pending_window(
+    conn: &Connection,
+    schema: &Schema,
+    after: i64,
+    limit: i64,
+    end: WindowEnd,
+    detail: Detail,
+) -> Result<Vec<LogEntry>> {
+    const SHAPE_COLUMNS: &str = "seq, tx, kind, NULL, NULL, NULL, NULL, NULL, NULL, status, NULL, NULL, NULL, NULL";
+    let columns = match detail {
+        Detail::Whole => EVENT_COLUMNS,
+        Detail::Shape => SHAPE_COLUMNS,
+    };
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM ferry_log WHERE seq > ?1 AND (status = 'pending' OR kind = 'checkpoint')
+        "SELECT {columns} FROM ferry_log WHERE seq > ?1 AND (status = 'pending' OR kind = 'checkpoint')
          ORDER BY seq LIMIT ?2"
     ))?;
     let mut rows = stmt.query([after, limit])?;
@@ -230,11 +299,29 @@ fn pending_window(conn: &Connection, schema: &Schema, after: i64, limit: i64, en
                 break;
             }
         } else {
-            entries.push(LogEntry::Event(to_event(schema, &e)?));
+            entries.push(LogEntry::Event(match detail {
+                Detail::Whole => to_event(schema, &e)?,
+                Detail::Shape => shape_event(&e)?,
+            }));
             has_event = true;
         }
     }
     Ok(entries)
+}
+
+/// The event of `e` with only its seq, local transaction and operation ([`Detail::Shape`]).
+fn shape_event(e: &RawEntry) -> Result<Event> {
+    Ok(Event {
+        seq: u64::try_from(e.seq).map_err(|_| Error::Corrupt(format!("seq {}", e.seq)))?,
+        tx: e.tx.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+        table: String::new(),
+        op: op_of(&e.kind)?,
+        key: Key(Vec::new()),
+        values: Row::new(),
+        base_version: None,
+        changed: Vec::new(),
+        previous: Row::new(),
+    })
 }
 
 /// Appends a checkpoint to the log (R3).
@@ -482,7 +569,7 @@ fn cut_and_persist(
     limits: &crate::engine::batcher::BatchLimits,
     avoid: Option<&std::collections::HashSet<(String, String)>>,
 ) -> Result<Option<ferry_protocol::Batch>> {
-    let entries = window_for_cut(tx, schema, 0, limits)?;
+    let entries = window_for_cut(tx, schema, 0, limits, Detail::Whole)?;
     // Cuts that consume only checkpoints are skipped; the first cut with events is the batch.
     let mut start = 0;
     let mut end = loop {

@@ -55,10 +55,9 @@ pub enum Input {
     Answered(BatchResult),
     /// The server answered the upload, and the next batch was cut ahead meanwhile.
     AnsweredWithNext(BatchResult, Batch),
-    /// The result was applied while the next batch was uploaded (after
-    /// [`Command::ApplyResultBeside`]); this is that upload's outcome (`Answered…`,
-    /// `TransportFailed` or `Refused`).
-    AppliedBeside(Box<Input>),
+    /// The result was applied while the next batch is uploaded (after
+    /// [`Command::ApplyResultBeside`]): its batch is done, and the upload's outcome comes next.
+    AppliedBeside,
     /// The upload failed in a retryable way (connection, timeout, 5xx).
     TransportFailed(String),
     /// The server refused the request as a whole.
@@ -87,14 +86,18 @@ pub enum Command {
     /// [`Command::LoadNextBatch`] does; report [`Input::BatchLoaded`].
     ApplyResultAndLoadNext(BatchResult),
     /// Store this result durably, then apply it while uploading `next` (its first attempt,
-    /// cutting the batch after it once the result is applied), and report
-    /// [`Input::AppliedBeside`] with the upload's outcome.
+    /// cutting the batch after it once the result is applied). Report [`Input::AppliedBeside`]
+    /// as soon as the result is applied, then the upload's outcome when asked
+    /// ([`Command::AwaitUpload`]).
     ApplyResultBeside {
         /// The answer to the batch just uploaded.
         result: BatchResult,
         /// The batch cut ahead, to upload now.
         next: Arc<Batch>,
     },
+    /// The upload started by [`Command::ApplyResultBeside`] is still on the wire: report its
+    /// outcome (`Answered…`, `TransportFailed` or `Refused`) when it comes.
+    AwaitUpload,
     /// Done: nothing left to send.
     Finished(SendReport),
     /// Stopped with an error; what was not sent stays in the log (an in-flight batch is re-sent
@@ -227,11 +230,11 @@ impl SendMachine {
                 self.state = State::Loading;
                 self.step(Input::BatchLoaded(loaded))
             }
-            (State::ApplyingBeside { next }, Input::AppliedBeside(answer)) => {
+            (State::ApplyingBeside { next }, Input::AppliedBeside) => {
                 self.batch_done();
-                // The upload of `next` was its first attempt: its outcome is handled as usual.
+                // The upload of `next` is its first attempt: its outcome is handled as usual.
                 self.state = State::Uploading { batch: next, failures: 0 };
-                self.step(*answer)
+                Command::AwaitUpload
             }
             (state, input) => self.fail(Error::InvalidState(format!("unexpected {input:?} in state {state:?}"))),
         }
@@ -365,9 +368,10 @@ mod tests {
         };
         assert_eq!((r1.batch_seq, &*next), (1, &b2));
         // The upload of batch 2 failed meanwhile: batch 1 is done, batch 2 is retried as usual.
-        let Command::Sleep(_) = m.step(Input::AppliedBeside(Box::new(Input::TransportFailed("reset".into())))) else {
-            panic!()
-        };
+        // Batch 1 is done as soon as its answer is applied, before the upload of batch 2 ends.
+        let Command::AwaitUpload = m.step(Input::AppliedBeside) else { panic!() };
+        assert_eq!(m.progress(), Progress { events_sent: 1, events_total: 3, batches_sent: 1, batches_total: 2 });
+        let Command::Sleep(_) = m.step(Input::TransportFailed("reset".into())) else { panic!() };
         assert_eq!(m.report().batches, 1);
         let Command::Upload { batch: again, cut_ahead: false } = m.step(Input::Slept) else { panic!() };
         assert_eq!(*again, b2);
@@ -376,10 +380,8 @@ mod tests {
         };
         assert_eq!(*next, b3);
         // Batch 3's answer came back beside batch 2's apply, with nothing cut after it.
-        let Command::ApplyResultAndLoadNext(r) = m.step(Input::AppliedBeside(Box::new(Input::Answered(result(&b3)))))
-        else {
-            panic!()
-        };
+        let Command::AwaitUpload = m.step(Input::AppliedBeside) else { panic!() };
+        let Command::ApplyResultAndLoadNext(r) = m.step(Input::Answered(result(&b3))) else { panic!() };
         assert_eq!(r.batch_seq, 3);
         let Command::Finished(report) = m.step(Input::BatchLoaded(None)) else { panic!() };
         assert_eq!((report.batches, report.events_applied), (3, 3));
