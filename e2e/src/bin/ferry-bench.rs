@@ -934,17 +934,22 @@ impl Bench {
                             latencies.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
                         })
                         .await?;
-                    anyhow::Ok(report)
+                    // The device is closed after the timer stops (closing checkpoints its WAL).
+                    anyhow::Ok((report, c))
                 }));
             }
             let mut applied = 0;
+            let mut done = Vec::with_capacity(devices);
             for t in tasks {
-                applied += t.await??.events_applied;
+                let (report, device) = t.await??;
+                applied += report.events_applied;
+                done.push(device);
             }
             let secs = t0.elapsed().as_secs_f64();
             ensure!(applied == devices as u64 * per_device, "applied {applied}");
             let (_, s) = peaks.read();
             let (cpu_device, cpu_server) = peaks.cpu();
+            drop(done);
             cpu_devices.push(cpu_device * 1e6 / applied as f64);
             cpu_servers.push(cpu_server * 1e6 / applied as f64);
             let mut l = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
