@@ -615,8 +615,8 @@ impl Client {
                         db::log::cut_ahead_in(tx, schema, &limits, &db::log::BatchRows::of(&sent))
                     }));
                     let mut upload = std::pin::pin!(self.upload_with_blobs(&next));
-                    // The upload goes on while the result is applied; the batch is reported done
-                    // as soon as it is, whichever ends first.
+                    // The upload goes on while the result is applied. The batch is reported done
+                    // once its result is applied, whether or not the upload is answered yet.
                     let mut answer = None;
                     let after_next = loop {
                         tokio::select! {
