@@ -296,13 +296,22 @@ backend_tests! {
             assert_eq!(h.state.store.query_i64(indexes).await.unwrap(), 3);
             let old = "SELECT count(*) FROM pg_indexes WHERE tablename = 'ferry_rows' AND indexname LIKE 'ferry\\_rows\\_key\\_%'";
             assert_eq!(h.state.store.query_i64(old).await.unwrap(), 0);
-            // The integer is read off one-integer key texts only; texts that only look like one
-            // (too large for a bigint, or not quite an integer's) are written, with no integer.
+            // The capture triggers write each entry's integer; entries an older server's
+            // triggers wrote without it get it at the next install. Texts that only look like an
+            // integer's (too large for a bigint, or not quite an integer's) keep none.
+            h.sql(&format!("UPDATE ferry_rows SET int_key = NULL WHERE tbl IN ('item', '{WEST}')")).await;
             for odd in ["[99999999999999999999]", "[9223372036854775808]", "[-9223372036854775809]", "[--5]", "[5-]", "[-]", "[]", "[", "[1e5]", "[ 5]"] {
-                h.sql(&format!("INSERT INTO ferry_rows (tbl, pk, version, position) VALUES ('elsewhere', '{odd}', 1, 0)")).await;
+                h.sql(&format!("INSERT INTO ferry_rows (tbl, pk, version, position) VALUES ('item', '{odd}', 1, 0)")).await;
             }
+            h.state.store.install_schema(&h.state.schema).await.unwrap();
+            let odd = "SELECT count(*) FROM ferry_rows WHERE tbl = 'item' AND pk !~ '^\\[-?[0-9]+\\]$' AND int_key IS NULL";
+            assert_eq!(h.state.store.query_i64(odd).await.unwrap(), 7);
+            h.sql("DELETE FROM ferry_rows WHERE tbl = 'item' AND pk !~ '^\\[-?[0-9]+\\]$'").await;
+            let too_large = "SELECT count(*) FROM ferry_rows WHERE tbl = 'item' AND int_key IS NULL";
+            assert_eq!(h.state.store.query_i64(too_large).await.unwrap(), 3, "the three out of range");
+            h.sql("DELETE FROM ferry_rows WHERE tbl = 'item' AND int_key IS NULL").await;
             let ints = "SELECT count(*) FROM ferry_rows WHERE int_key IS NOT NULL AND pk = '[' || int_key || ']'";
-            let all_ints = "SELECT count(*) FROM ferry_rows WHERE pk ~ '^\\[-?[0-9]+\\]$' AND tbl <> 'elsewhere'";
+            let all_ints = "SELECT count(*) FROM ferry_rows WHERE pk ~ '^\\[-?[0-9]+\\]$'";
             assert_eq!(h.state.store.query_i64(ints).await.unwrap(), h.state.store.query_i64(all_ints).await.unwrap());
             assert!(h.state.store.query_i64(all_ints).await.unwrap() >= 13, "the integer-keyed entries are counted");
             let others = "SELECT count(*) FROM ferry_rows WHERE int_key IS NOT NULL AND pk <> '[' || int_key || ']'";

@@ -4,6 +4,7 @@
 //! `target/bench/results.json`. Never fails on a missed goal: the goals are printed beside the
 //! figures. See `docs/benchmarks.md`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -275,20 +276,50 @@ fn cpu_secs(pid: &str) -> f64 {
     }
 }
 
+/// CPU seconds so far of every process on this machine named `postgres` (PostgreSQL's
+/// postmaster, backends and background workers), by process id.
+fn database_cpu_secs() -> HashMap<String, f64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return HashMap::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "postgres"))
+        .map(|pid| {
+            let secs = cpu_secs(&pid);
+            (pid, secs)
+        })
+        .filter(|(_, secs)| secs.is_finite())
+        .collect()
+}
+
 /// Peak RSS and CPU time of the device (this process) and the server, per measurement.
 struct Peaks {
     server: String,
     cpu_at_reset: (f64, f64),
+    database_at_reset: HashMap<String, f64>,
 }
 
 impl Peaks {
     fn new(server: &ServerProcess) -> Self {
-        Peaks { server: server.pid().to_string(), cpu_at_reset: (f64::NAN, f64::NAN) }
+        Peaks {
+            server: server.pid().to_string(),
+            cpu_at_reset: (f64::NAN, f64::NAN),
+            database_at_reset: HashMap::new(),
+        }
     }
     fn reset(&mut self) {
         reset_peak("self");
         reset_peak(&self.server);
         self.cpu_at_reset = (cpu_secs("self"), cpu_secs(&self.server));
+        self.database_at_reset = database_cpu_secs();
+    }
+    /// CPU seconds since the last reset of the PostgreSQL processes on this machine (a backend
+    /// started since counts from zero, one that ended is not counted); `None` when none runs
+    /// here (a remote database).
+    fn database_cpu(&self) -> Option<f64> {
+        let now = database_cpu_secs();
+        (!now.is_empty())
+            .then(|| now.iter().map(|(pid, secs)| secs - self.database_at_reset.get(pid).copied().unwrap_or(0.0)).sum())
     }
     /// (device, server) peak RSS in MiB since the last reset.
     fn read(&self) -> (f64, f64) {
@@ -602,7 +633,7 @@ impl Bench {
         let served = self.server(db, false).await?;
         let mut peaks = Peaks::new(&served.server);
         let (mut sends, mut bases, mut captures, mut dev_mem, mut srv_mem) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut dev_cpu, mut srv_cpu) = (vec![], vec![]);
+        let (mut dev_cpu, mut srv_cpu, mut db_cpu) = (vec![], vec![], vec![]);
         for run in 0..self.mode.runs {
             let client = self.device(&served).await?;
             captures.push(capture(&client, run as u64 * n, n, false)?);
@@ -612,6 +643,9 @@ impl Bench {
             let secs = t0.elapsed().as_secs_f64();
             let (d, s) = peaks.read();
             let (dc, sc) = peaks.cpu();
+            if let (Db::Postgres, Some(c)) = (db, peaks.database_cpu()) {
+                db_cpu.push(c * 1e6 / n as f64);
+            }
             ensure!(report.events_applied == n, "send applied {} of {n} events: {report:?}", report.events_applied);
             sends.push(n as f64 / secs);
             dev_cpu.push(dc * 1e6 / n as f64);
@@ -655,6 +689,15 @@ impl Bench {
             srv_cpu,
             "CPU time of ferry-server during send(), per event (PostgreSQL's own processes not counted)",
         );
+        if !db_cpu.is_empty() {
+            self.report.add(
+                format!("cpu-db-send-{name}"),
+                "µs/event",
+                Goal::Report,
+                db_cpu,
+                "CPU time of the PostgreSQL processes on this machine during send(), per event",
+            );
+        }
         self.report.add(
             format!("capture-{name}"),
             "rows/s",
@@ -909,7 +952,7 @@ impl Bench {
         let served = self.server(db, false).await?;
         let mut peaks = Peaks::new(&served.server);
         let (mut rates, mut p50s, mut p99s, mut mems) = (vec![], vec![], vec![], vec![]);
-        let (mut cpu_devices, mut cpu_servers) = (vec![], vec![]);
+        let (mut cpu_devices, mut cpu_servers, mut cpu_databases) = (vec![], vec![], vec![]);
         for run in 0..self.mode.runs {
             let mut clients = Vec::with_capacity(devices);
             for d in 0..devices {
@@ -949,6 +992,9 @@ impl Bench {
             ensure!(applied == devices as u64 * per_device, "applied {applied}");
             let (_, s) = peaks.read();
             let (cpu_device, cpu_server) = peaks.cpu();
+            if let (Db::Postgres, Some(c)) = (db, peaks.database_cpu()) {
+                cpu_databases.push(c * 1e6 / applied as f64);
+            }
             drop(done);
             cpu_devices.push(cpu_device * 1e6 / applied as f64);
             cpu_servers.push(cpu_server * 1e6 / applied as f64);
@@ -970,6 +1016,10 @@ impl Bench {
         self.report.add(format!("cpu-device-many-{name}"), "µs/event", Goal::Report, cpu_devices, what);
         let what = "CPU time of ferry-server, per event (PostgreSQL's own processes not counted)";
         self.report.add(format!("cpu-server-many-{name}"), "µs/event", Goal::Report, cpu_servers, what);
+        if !cpu_databases.is_empty() {
+            let what = "CPU time of the PostgreSQL processes on this machine, per event";
+            self.report.add(format!("cpu-db-many-{name}"), "µs/event", Goal::Report, cpu_databases, what);
+        }
         Ok(())
     }
 

@@ -83,13 +83,17 @@ impl PgStore {
             // Rows written before the trigger existed join the feed at position 0.
             let keys: Vec<_> = table.primary_key.iter().map(|c| quote(c)).collect();
             let backfill = format!(
-                "INSERT INTO ferry_rows (tbl, pk, version, position, deleted)
-                 SELECT '{}', {}, 0, 0, false FROM {} ON CONFLICT DO NOTHING",
+                "INSERT INTO ferry_rows (tbl, pk, int_key, version, position, deleted)
+                 SELECT '{}', {}, {}, 0, 0, false FROM {} ON CONFLICT DO NOTHING",
                 table.name,
                 key_text(table, &keys),
+                integer_key_value(table, &keys),
                 quote(&table.name)
             );
             sqlx::query(AssertSqlSafe(backfill)).execute(&mut *tx).await?;
+            if let Some(repair) = integer_key_repair(table) {
+                sqlx::query(AssertSqlSafe(repair)).execute(&mut *tx).await?;
+            }
         }
         if !file.setup.postgres.trim().is_empty() {
             sqlx::raw_sql(AssertSqlSafe(file.setup.postgres.clone())).execute(&mut *tx).await?;
@@ -129,6 +133,45 @@ pub(crate) fn integer_key(table: &Table, alias: &str) -> Option<String> {
     Some(format!("{alias}.int_key"))
 }
 
+/// What a feed entry's `int_key` holds for a row whose key columns are the expressions `cols`:
+/// the key itself for a table keyed by one integer, NULL for the rest (migration 0003: every
+/// writer of `ferry_rows` writes it; it was a generated column parsing the key text).
+fn integer_key_value(table: &Table, cols: &[String]) -> String {
+    match integer_key(table, "ferry_rows") {
+        Some(_) => cols[0].clone(),
+        None => "NULL::bigint".to_string(),
+    }
+}
+
+/// For a table keyed by one integer: the statement giving its feed entries written without
+/// their `int_key` their integer. Until migration 0003 PostgreSQL generated it; a server of an
+/// earlier version writing through its capture triggers between that migration and this
+/// install leaves it NULL. The table's partial index finds such entries without a scan, and the
+/// key text is parsed as migration 0002's generated column did (a text that is not one bigint's
+/// keeps NULL).
+fn integer_key_repair(table: &Table) -> Option<String> {
+    integer_key(table, "ferry_rows")?;
+    Some(format!(
+        "UPDATE ferry_rows SET int_key = {PARSED_INTEGER_KEY} WHERE tbl = '{}' AND int_key IS NULL",
+        table.name
+    ))
+}
+
+/// The integer of a key text that is one bigint's (`[5]` → 5), NULL for any other text, without
+/// ever failing: the expression of migration 0002's generated column.
+const PARSED_INTEGER_KEY: &str = "CASE WHEN left(pk, 1) = '[' AND right(pk, 1) = ']' THEN
+    CASE translate(substr(pk, 2, length(pk) - 2), '0123456789', '')
+        WHEN '' THEN
+            CASE WHEN length(pk) BETWEEN 3 AND 20
+                   OR (length(pk) = 21 AND substr(pk, 2, 19) <= '9223372036854775807')
+                THEN substr(pk, 2, length(pk) - 2)::bigint END
+        WHEN '-' THEN
+            CASE WHEN left(pk, 2) = '[-' AND (length(pk) BETWEEN 4 AND 21
+                   OR (length(pk) = 22 AND substr(pk, 3, 19) <= '9223372036854775808'))
+                THEN substr(pk, 2, length(pk) - 2)::bigint END
+    END
+END";
+
 /// The partial index of `ferry_rows` on [`integer_key`] for `table`, if it has one integer key,
 /// and the statement dropping the expression index it replaces (`ferry_rows_key_<table>`, which
 /// parsed the key text on every comparison).
@@ -163,33 +206,53 @@ fn per_table_name(prefix: &str, table: &str) -> String {
 /// transition table, however many rows the statement wrote (a row-level trigger costs a
 /// function call and two queries per row). An update that moves a key leaves a tombstone for
 /// the old key. Replaces the row-level `ferry_capture` trigger of earlier versions.
+///
+/// Inserted rows are new to the feed but for a key written before (a tombstone): they go in with
+/// a plain insert, and only if one of them is already there is the statement redone as an upsert.
+/// The upsert's speculative insertion costs half as much again per row (6.9 against 4.5 µs for
+/// 100-row statements), and the plain insert's subtransaction (the `EXCEPTION` block) is paid
+/// once per statement. The transaction's id, the
+/// entries' position, is read once per statement.
 fn capture_triggers(table: &Table) -> String {
     let name = &table.name;
     let t = quote(name);
     let function = quote(&per_table_name("ferry_capture_", name));
-    let key = |alias: &str| {
-        let cols: Vec<_> = table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect();
-        key_text(table, &cols)
+    let cols =
+        |alias: &str| -> Vec<String> { table.primary_key.iter().map(|c| format!("{alias}.{}", quote(c))).collect() };
+    let entries = |alias: &str| {
+        let cols = cols(alias);
+        format!("{}, {}", key_text(table, &cols), integer_key_value(table, &cols))
     };
-    let upsert = |deleted: bool| {
+    let insert = |deleted: bool, rows: &str, upsert: bool| {
+        let on_conflict = match upsert {
+            true => format!(
+                " ON CONFLICT (tbl, pk) DO UPDATE SET version = EXCLUDED.version, \
+                 position = EXCLUDED.position, deleted = {deleted}, changed_at = now()"
+            ),
+            false => String::new(),
+        };
         format!(
-            "INSERT INTO ferry_rows (tbl, pk, version, position, deleted) \
-             SELECT '{name}', k, nextval('ferry_version_seq'), pg_current_xact_id()::text::bigint, {deleted} FROM ({{}}) AS c(k) \
-             ON CONFLICT (tbl, pk) DO UPDATE SET version = EXCLUDED.version, position = EXCLUDED.position, \
-             deleted = {deleted}, changed_at = now();"
+            "INSERT INTO ferry_rows (tbl, pk, int_key, version, position, deleted) \
+             SELECT '{name}', k, i, nextval('ferry_version_seq'), \
+             (SELECT pg_current_xact_id()::text::bigint), {deleted} FROM ({rows}) AS c(k, i){on_conflict};"
         )
     };
-    let new_keys = format!("SELECT {} FROM ferry_new n", key("n"));
-    let old_keys = format!("SELECT {} FROM ferry_old o", key("o"));
-    let written = upsert(false).replace("{}", &new_keys);
-    let moved = upsert(true).replace("{}", &format!("{old_keys} EXCEPT {new_keys}"));
-    let deleted = upsert(true).replace("{}", &old_keys);
+    let new_rows = format!("SELECT {} FROM ferry_new n", entries("n"));
+    let old_rows = format!("SELECT {} FROM ferry_old o", entries("o"));
+    let inserted = insert(false, &new_rows, false);
+    let written = insert(false, &new_rows, true);
+    let moved = insert(true, &format!("{old_rows} EXCEPT {new_rows}"), true);
+    let deleted = insert(true, &old_rows, true);
     format!(
         "DROP TRIGGER IF EXISTS ferry_capture ON {t};
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $ferry$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        {written}
+        BEGIN
+            {inserted}
+        EXCEPTION WHEN unique_violation THEN
+            {written}
+        END;
     ELSIF TG_OP = 'UPDATE' THEN
         {moved}
         {written}
