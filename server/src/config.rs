@@ -18,7 +18,15 @@ pub struct StorageArgs {
     /// file, `ferry-blobs` for PostgreSQL.
     #[arg(long, env = "FERRY_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
+    /// PostgreSQL: the most connections this process keeps open (its pool). Each batch holds one
+    /// for its transaction. Not used for SQLite.
+    #[arg(long, env = "FERRY_DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_max_connections: u32,
 }
+
+/// The default of `--db-max-connections`.
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 8;
 
 /// `ferry-server serve` settings.
 #[derive(Debug, Clone, Args)]
@@ -250,6 +258,16 @@ mod tests {
         assert_eq!(serve.listen.port(), 9999);
         assert_eq!(serve.limits.max_body_bytes, 1234);
         assert_eq!(serve.storage.database, "flag.db", "a flag wins over the file");
+    }
+
+    #[test]
+    fn the_database_pool_size_comes_from_flag_or_file_and_is_at_least_one() {
+        assert_eq!(parse("", &[]).expect("parses").storage.db_max_connections, DEFAULT_DB_MAX_CONNECTIONS);
+        assert_eq!(parse("db_max_connections = 4", &[]).expect("parses").storage.db_max_connections, 4);
+        let flag = parse("db_max_connections = 4", &["--db-max-connections", "6"]).expect("parses");
+        assert_eq!(flag.storage.db_max_connections, 6);
+        assert!(parse("", &["--db-max-connections", "0"]).is_err(), "a pool of no connection");
+        assert!(parse("db_max_connections = -1", &[]).is_err());
     }
 
     #[test]

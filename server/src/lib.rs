@@ -84,7 +84,7 @@ pub async fn open(storage: &StorageArgs) -> Result<(Store, SchemaFile), StartErr
             SchemaFile::example()
         }
     };
-    let store = Store::open(&storage.database).await?;
+    let store = Store::open_with_pool(&storage.database, storage.db_max_connections).await?;
     store.install_schema(&schema).await?;
     tracing::info!(backend = ?store.backend(), schema_version = %schema.schema.version, "storage ready");
     Ok((store, schema))

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ferry_server::backend_tests;
 use ferry_server::blobs::{Blobs, FsBlobStore};
-use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::config::{AuthArgs, DEFAULT_DB_MAX_CONNECTIONS, Limits, StorageArgs};
 use ferry_server::http::AppState;
 use ferry_server::testing::Backend;
 use http_body_util::BodyExt as _;
@@ -32,7 +32,7 @@ async fn harness(backend: Backend, limits: Limits) -> Option<Harness> {
 
 async fn harness_with_schema(backend: Backend, limits: Limits, schema: Option<std::path::PathBuf>) -> Option<Harness> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database, schema, blob_dir: None };
+    let storage = StorageArgs { database, schema, blob_dir: None, db_max_connections: DEFAULT_DB_MAX_CONNECTIONS };
     let mut state = ferry_server::prepare(&storage, limits, &AuthArgs::secret(SECRET)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     state.blobs = Blobs::new(Arc::new(FsBlobStore::open(dir.path()).unwrap()));

@@ -9,7 +9,7 @@ mod common;
 use axum::http::StatusCode;
 use ferry_protocol::*;
 use ferry_server::backend_tests;
-use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::config::{AuthArgs, DEFAULT_DB_MAX_CONNECTIONS, Limits, StorageArgs};
 use ferry_server::http::AppState;
 use ferry_server::testing::Backend;
 
@@ -75,7 +75,8 @@ async fn harness_with(backend: Backend, limits: Limits) -> Option<Harness> {
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("paging.toml");
     std::fs::write(&schema, SCHEMA).unwrap();
-    let storage = StorageArgs { database, schema: Some(schema), blob_dir: None };
+    let storage =
+        StorageArgs { database, schema: Some(schema), blob_dir: None, db_max_connections: DEFAULT_DB_MAX_CONNECTIONS };
     let state = ferry_server::prepare(&storage, limits, &AuthArgs::secret(SECRET)).await.unwrap();
     let app = ferry_server::http::router(state.clone());
     Some(Harness { state, app, _dir: dir })

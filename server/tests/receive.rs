@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ferry_protocol::*;
 use ferry_server::backend_tests;
-use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::config::{AuthArgs, DEFAULT_DB_MAX_CONNECTIONS, Limits, StorageArgs};
 use ferry_server::http::AppState;
 use ferry_server::testing::Backend;
 use tower::ServiceExt as _;
@@ -27,7 +27,12 @@ struct Harness {
 
 async fn harness(backend: Backend) -> Option<Harness> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database: database.clone(), schema: None, blob_dir: None };
+    let storage = StorageArgs {
+        database: database.clone(),
+        schema: None,
+        blob_dir: None,
+        db_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
+    };
     let auth = AuthArgs::secret(SECRET);
     let state = ferry_server::prepare(&storage, Limits::default(), &auth).await.unwrap();
     let app = ferry_server::http::router(state.clone());

@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ferry_protocol::*;
 use ferry_server::backend_tests;
-use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::config::{AuthArgs, DEFAULT_DB_MAX_CONNECTIONS, Limits, StorageArgs};
 use ferry_server::hooks::{AfterFailure, BatchContext, EventVerdict, Hooks, NoHooks};
 use ferry_server::http::AppState;
 use ferry_server::testing::Backend;
@@ -28,7 +28,8 @@ struct Harness {
 
 async fn harness_with(backend: Backend, hooks: Arc<dyn Hooks>) -> Option<Harness> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database, schema: None, blob_dir: None };
+    let storage =
+        StorageArgs { database, schema: None, blob_dir: None, db_max_connections: DEFAULT_DB_MAX_CONNECTIONS };
     let auth = AuthArgs::secret(SECRET);
     let state = ferry_server::prepare_with_hooks(&storage, Limits::default(), &auth, hooks).await.unwrap();
     let token = state.auth.issue("alice", Duration::from_secs(600)).unwrap();

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use ferry_protocol::{Encoding, ErrorBody, ErrorCode, Schema};
 use ferry_server::backend_tests;
-use ferry_server::config::{AuthArgs, Limits, StorageArgs};
+use ferry_server::config::{AuthArgs, DEFAULT_DB_MAX_CONNECTIONS, Limits, StorageArgs};
 use ferry_server::testing::Backend;
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
@@ -16,7 +16,8 @@ const SECRET: &str = "test-secret-test-secret-test-secret!";
 
 async fn state(backend: Backend) -> Option<ferry_server::http::AppState> {
     let database = backend.database().await?;
-    let storage = StorageArgs { database, schema: None, blob_dir: None };
+    let storage =
+        StorageArgs { database, schema: None, blob_dir: None, db_max_connections: DEFAULT_DB_MAX_CONNECTIONS };
     let auth = AuthArgs::secret(SECRET);
     Some(ferry_server::prepare(&storage, Limits::default(), &auth).await.expect("server prepares"))
 }

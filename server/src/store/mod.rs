@@ -60,8 +60,13 @@ impl Store {
     /// Opens the database named by `url` (`postgres://…`, `sqlite://PATH`, or a plain file path)
     /// and brings Ferry's own tables up to date.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with_pool(url, crate::config::DEFAULT_DB_MAX_CONNECTIONS).await
+    }
+
+    /// [`Store::open`], keeping at most `max_connections` connections open to PostgreSQL.
+    pub async fn open_with_pool(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Store::Postgres(pg::PgStore::connect(url).await?)
+            Store::Postgres(pg::PgStore::connect(url, max_connections).await?)
         } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
             Store::Sqlite(sqlite::SqliteStore::open(path).await?)
         } else if !url.contains("://") {

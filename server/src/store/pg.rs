@@ -26,9 +26,11 @@ impl PgStore {
     /// prepared statement's cached generic plan made while a table was empty scans it
     /// sequentially for the connection's lifetime: a batch's read-back of its inserted rows
     /// did, and send slowed as the table grew (0 index scans, 450M rows read over 300k events).
-    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+    ///
+    /// At most `max_connections` connections are open at once.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
         let options = PgConnectOptions::from_str(url)?.options([("plan_cache_mode", "force_custom_plan")]);
-        let pool = PgPoolOptions::new().max_connections(16).connect_with(options).await?;
+        let pool = PgPoolOptions::new().max_connections(max_connections).connect_with(options).await?;
         Ok(PgStore { pool })
     }
 
