@@ -419,6 +419,13 @@ impl Bench {
 
 /// Captures rows `from..from + n` on the device in local transactions of [`TX_ROWS`] rows,
 /// with a checkpoint after each when `checkpoints` is set. Returns rows/s.
+/// The `p` quantile (0 to 1) of `values`, the nearest one by rank; NaN for none.
+fn percentile(values: impl Iterator<Item = f64>, p: f64) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
 fn capture(client: &Client, from: u64, n: u64, checkpoints: bool) -> Result<f64> {
     let t0 = Instant::now();
     let mut i = from;
@@ -952,6 +959,7 @@ impl Bench {
         let served = self.server(db, false).await?;
         let mut peaks = Peaks::new(&served.server);
         let (mut rates, mut p50s, mut p99s, mut mems) = (vec![], vec![], vec![], vec![]);
+        let (mut p99_firsts, mut p99_rests) = (vec![], vec![]);
         let (mut cpu_devices, mut cpu_servers, mut cpu_databases) = (vec![], vec![], vec![]);
         for run in 0..self.mode.runs {
             let mut clients = Vec::with_capacity(devices);
@@ -961,20 +969,22 @@ impl Bench {
                 clients.push(Arc::new(c));
             }
             peaks.reset();
-            let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+            // Each batch's latency, and whether it was its device's first.
+            let latencies = Arc::new(Mutex::new(Vec::<(bool, f64)>::new()));
             let t0 = Instant::now();
             let mut tasks = Vec::new();
             for c in clients {
                 let latencies = latencies.clone();
                 tasks.push(tokio::spawn(async move {
-                    let last = Mutex::new(Instant::now());
+                    let last = Mutex::new((Instant::now(), true));
                     let report = c
                         .send_with_progress(|_| {
                             let now = Instant::now();
                             let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-                            let ms = now.duration_since(*l).as_secs_f64() * 1000.0;
-                            *l = now;
-                            latencies.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+                            let ms = now.duration_since(l.0).as_secs_f64() * 1000.0;
+                            let first = l.1;
+                            *l = (now, false);
+                            latencies.lock().unwrap_or_else(|e| e.into_inner()).push((first, ms));
                         })
                         .await?;
                     // The device is closed after the timer stops (closing checkpoints its WAL).
@@ -998,12 +1008,14 @@ impl Bench {
             drop(done);
             cpu_devices.push(cpu_device * 1e6 / applied as f64);
             cpu_servers.push(cpu_server * 1e6 / applied as f64);
-            let mut l = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            l.sort_by(f64::total_cmp);
-            let pct = |p: f64| l.get(((l.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+            let l = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let p99 =
+                |which: &dyn Fn(bool) -> bool| percentile(l.iter().filter(|(f, _)| which(*f)).map(|(_, ms)| *ms), 0.99);
             rates.push(applied as f64 / secs);
-            p50s.push(pct(0.5));
-            p99s.push(pct(0.99));
+            p50s.push(percentile(l.iter().map(|(_, ms)| *ms), 0.5));
+            p99s.push(p99(&|_| true));
+            p99_firsts.push(p99(&|first| first));
+            p99_rests.push(p99(&|first| !first));
             mems.push(s);
         }
         let name = db.name();
@@ -1011,6 +1023,10 @@ impl Bench {
         self.report.add(format!("many-devices-{name}"), "events/s", Goal::Report, rates, what.clone());
         self.report.add(format!("many-devices-{name}-p50"), "ms", Goal::Report, p50s, "batch latency, median");
         self.report.add(format!("many-devices-{name}-p99"), "ms", Goal::AtMost(1000.0), p99s, "batch latency, p99");
+        let what = "p99 of each device's first batch (every device starts at once)";
+        self.report.add(format!("many-devices-{name}-p99-first"), "ms", Goal::Report, p99_firsts, what);
+        let what = "p99 of the batches after each device's first";
+        self.report.add(format!("many-devices-{name}-p99-rest"), "ms", Goal::Report, p99_rests, what);
         self.report.add(format!("many-devices-{name}-server-rss"), "MiB", Goal::Report, mems, "server peak RSS");
         let what = "CPU time of all the devices (this process), per event";
         self.report.add(format!("cpu-device-many-{name}"), "µs/event", Goal::Report, cpu_devices, what);

@@ -438,9 +438,11 @@ impl ColumnArray {
 /// for one device — even on two server processes — apply one after the other.
 ///
 /// A savepoint the engine releases is released lazily: its `RELEASE` is sent with the next
-/// savepoint statement, in one round trip, or on its own before any other statement. A batch of
-/// many local transactions thus pays one round trip between two of them instead of two, and
-/// `COMMIT` releases whatever is left.
+/// savepoint statement, in one round trip, and `COMMIT` releases whatever is left. Statements
+/// sent meanwhile run inside it, which changes nothing: the engine never rolls back to a
+/// savepoint it released, and rolling back to an outer one undoes them either way. A batch of
+/// many local transactions thus pays one round trip between two of them instead of two, and none
+/// after its last one (whose release was a round trip of its own until session 25).
 pub struct PgApplyTx {
     tx: sqlx::Transaction<'static, Postgres>,
     /// Savepoints released by the engine that PostgreSQL has not been told of yet, in order.
@@ -455,13 +457,9 @@ impl PgStore {
 }
 
 impl PgApplyTx {
-    /// The transaction's connection, once the savepoints released lazily are released on it.
-    async fn conn(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
-        if !self.unreleased.is_empty() {
-            let sql = self.with_releases(String::new());
-            sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *self.tx).await?;
-        }
-        Ok(&mut *self.tx)
+    /// The transaction's connection (savepoints released lazily stay open: see [`PgApplyTx`]).
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
     }
 
     /// Runs the savepoint statements `sql` after the lazily released savepoints' `RELEASE`s, in
@@ -540,15 +538,15 @@ impl ApplyTx for PgApplyTx {
         const LOCK: &str = "SELECT user_id, next_batch_seq, last_digest, last_result FROM ferry_devices
              WHERE device_id = $1 FOR UPDATE";
         // A known device (every batch but its first) costs one statement.
-        let row = match sqlx::query(LOCK).bind(device_id).fetch_optional(self.conn().await?).await? {
+        let row = match sqlx::query(LOCK).bind(device_id).fetch_optional(self.conn()).await? {
             Some(row) => row,
             None => {
                 sqlx::query("INSERT INTO ferry_devices (device_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                     .bind(device_id)
                     .bind(user_id)
-                    .execute(self.conn().await?)
+                    .execute(self.conn())
                     .await?;
-                sqlx::query(LOCK).bind(device_id).fetch_one(self.conn().await?).await?
+                sqlx::query(LOCK).bind(device_id).fetch_one(self.conn()).await?
             }
         };
         let digest: Option<Vec<u8>> = row.try_get(2)?;
@@ -570,7 +568,7 @@ impl ApplyTx for PgApplyTx {
         .bind(r.last_digest.map(|d| d.to_vec()))
         .bind(r.last_result.clone())
         .bind(&r.device_id)
-        .execute(self.conn().await?)
+        .execute(self.conn())
         .await?;
         Ok(())
     }
@@ -598,7 +596,7 @@ impl ApplyTx for PgApplyTx {
             .bind(device_id)
             .bind(table)
             .bind(temporary)
-            .fetch_optional(self.conn().await?)
+            .fetch_optional(self.conn())
             .await?)
     }
 
@@ -622,11 +620,11 @@ impl ApplyTx for PgApplyTx {
             sqlx::query(sql).bind(device_id).bind(&tables[..]).bind(&temporaries[..]).bind(&reals[..])
         };
         self.savepoint(Savepoint::Retry).await?;
-        match write(INSERT).execute(self.conn().await?).await {
+        match write(INSERT).execute(self.conn()).await {
             Ok(_) => self.release_savepoint(Savepoint::Retry).await,
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 self.rollback_to_savepoint(Savepoint::Retry).await?;
-                write(UPSERT).execute(self.conn().await?).await?;
+                write(UPSERT).execute(self.conn()).await?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -652,7 +650,7 @@ impl ApplyTx for PgApplyTx {
         };
         let mut returned = Vec::with_capacity(rows.len());
         for q in statements {
-            for row in q.fetch_all(self.conn().await.map_err(classify)?).await.map_err(classify)? {
+            for row in q.fetch_all(self.conn()).await.map_err(classify)? {
                 let mut key = Vec::with_capacity(table.primary_key.len());
                 for (i, name) in table.primary_key.iter().enumerate() {
                     let col = table.column(name).ok_or_else(|| StoreError::Corrupt(format!("no key column {name}")))?;
@@ -673,7 +671,7 @@ impl ApplyTx for PgApplyTx {
         for (c, v) in values.iter().cloned().chain(key_columns(table, key)) {
             q = bind(q, c, v);
         }
-        Ok(q.execute(self.conn().await.map_err(classify)?).await.map_err(classify)?.rows_affected())
+        Ok(q.execute(self.conn()).await.map_err(classify)?.rows_affected())
     }
 
     async fn delete(&mut self, table: &Table, key: &Key) -> Result<u64, WriteError> {
@@ -681,7 +679,7 @@ impl ApplyTx for PgApplyTx {
         for (c, v) in key_columns(table, key) {
             q = bind(q, c, v);
         }
-        Ok(q.execute(self.conn().await.map_err(classify)?).await.map_err(classify)?.rows_affected())
+        Ok(q.execute(self.conn()).await.map_err(classify)?.rows_affected())
     }
 
     async fn read_rows(&mut self, table: &Table, keys: &[Key]) -> Result<Vec<Option<StoredRow>>, StoreError> {
@@ -696,7 +694,7 @@ impl ApplyTx for PgApplyTx {
             q = array.bind_to(q);
         }
         let mut found = Vec::with_capacity(keys.len());
-        for row in q.fetch_all(self.conn().await?).await? {
+        for row in q.fetch_all(self.conn()).await? {
             let values =
                 table.columns.iter().enumerate().map(|(i, col)| decode(&row, i, col)).collect::<Result<_, _>>()?;
             let version: Option<i64> = row.try_get(table.columns.len())?;
@@ -723,7 +721,7 @@ impl ApplyTx for PgApplyTx {
         .bind(applied.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
         .bind(applied.iter().map(|e| e.table.as_str()).collect::<Vec<_>>())
         .bind(applied.iter().map(|e| e.op).collect::<Vec<_>>())
-        .execute(self.conn().await?)
+        .execute(self.conn())
         .await?;
         Ok(())
     }
@@ -740,7 +738,7 @@ impl ApplyTx for PgApplyTx {
             let sql = builder.row_in_scope(table, key);
             (sql, builder.params)
         };
-        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(self.conn().await?).await?;
+        let row = bind_params(sqlx::query(AssertSqlSafe(sql)), params).fetch_one(self.conn()).await?;
         Ok(row.try_get::<bool, _>(0)?)
     }
 
