@@ -213,8 +213,7 @@ fn per_table_name(prefix: &str, table: &str) -> String {
 /// a plain insert, and only if one of them is already there is the statement redone as an upsert.
 /// The upsert's speculative insertion costs half as much again per row (6.9 against 4.5 µs for
 /// 100-row statements), and the plain insert's subtransaction (the `EXCEPTION` block) is paid
-/// once per statement. The transaction's id, the
-/// entries' position, is read once per statement.
+/// once per statement. The transaction's id, the entries' position, is read once per statement.
 fn capture_triggers(table: &Table) -> String {
     let name = &table.name;
     let t = quote(name);
